@@ -1,0 +1,103 @@
+"""The broker interface: a handful of methods every transport implements.
+
+Two sides, two small interfaces:
+
+* :class:`Broker` — what the dispatcher and the collector see: announce a run, publish
+  job batches, read result batches back, commit what has been stored, close.
+* :class:`JobSource` — what a worker sees: consume one delivery, ack it with the
+  encoded result (the result becomes durable and the job consumed, as one step), or
+  reject it to the dead letters, close.
+
+Payloads are the encoded messages of :mod:`dispatchkit.message`, so every transport
+carries the same bytes. The dispatcher, the worker loop and the tasks never import a
+concrete broker.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from dispatchkit.message import JobBatch, Manifest, ResultBatch
+
+
+@dataclass
+class Delivery:
+    """One job batch handed to a worker; ``token`` is the transport's bookkeeping."""
+
+    payload: bytes
+    key: bytes | None = None
+    token: Any = None
+    attempts: int = 1
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a delivery went to the dead letters."""
+
+    error_class: str
+    error: str
+    attempts: int
+    first_failure: float
+
+
+class Broker(ABC):
+    """The dispatcher's and the collector's view of a transport."""
+
+    @abstractmethod
+    def open_run(self, manifest: Manifest) -> None:
+        """Announce a run before its jobs are published."""
+
+    @abstractmethod
+    def publish(self, batch: JobBatch) -> None:
+        """Send one job batch; may block for back-pressure, never drops it."""
+
+    @abstractmethod
+    def close_run(self, manifest: Manifest) -> None:
+        """Record the run's final totals once every batch is published and delivered."""
+
+    @abstractmethod
+    def results(self, timeout: float) -> list[ResultBatch]:
+        """Result batches that arrived, waiting up to ``timeout`` seconds for the first."""
+
+    @abstractmethod
+    def commit_results(self) -> None:
+        """Mark results returned so far as stored (call after the store's flush)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release everything; idempotent."""
+
+
+class JobSource(ABC):
+    """A worker's view of a transport."""
+
+    @abstractmethod
+    def consume(self, timeout: float) -> Delivery | None:
+        """The next delivery, or ``None`` if none came within ``timeout`` seconds."""
+
+    @abstractmethod
+    def ack(
+        self,
+        delivery: Delivery,
+        result: bytes | None,
+        failed: tuple[bytes, Rejection] | None = None,
+    ) -> None:
+        """Make ``result`` (and ``failed`` jobs' dead letter) durable and the delivery consumed, together."""
+
+    @abstractmethod
+    def reject(self, delivery: Delivery, rejection: Rejection) -> None:
+        """Move the delivery to the dead letters and consume it, together."""
+
+    def drained(self) -> bool:
+        """True when nothing is left to consume (for ``--burst``)."""
+        return False
+
+    def checkpoint(self) -> None:  # noqa: B027 - optional hook
+        """Commit acknowledged work now (called when idle and before exit)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Commit what is acknowledged and release everything."""

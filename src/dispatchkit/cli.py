@@ -1,0 +1,367 @@
+"""The ``dispatchkit`` command: parse flags, build a spec, call one library function.
+
+Errors dispatchkit raises on purpose become one line on stderr and their exit code
+(:mod:`dispatchkit.errors`); argparse's own usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from dispatchkit import __version__
+from dispatchkit.errors import RET_INTERRUPTED, RET_OK, DispatchkitError, UsageError
+from dispatchkit.progress import Bars
+
+log = logging.getLogger("dispatchkit")
+
+DEFAULT_ROWS = 2_000_000
+DEFAULT_SEED = 42
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"dispatchkit: error: {message} (see --help)\n")
+
+
+def _date(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def default_data_path() -> Path:
+    """Where ``run`` without INPUT keeps the default generated dataset."""
+    base = Path(os.environ.get("DISPATCHKIT_DATA", "data"))
+    return base / f"covid_tests_{DEFAULT_ROWS}_seed{DEFAULT_SEED}.parquet"
+
+
+# -- generate ---------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace, bars: Bars) -> int:
+    from dispatchkit.generator import GenerateSpec, generate
+
+    spec = GenerateSpec(
+        rows=args.rows,
+        seed=args.seed,
+        dirty_fraction=args.dirty,
+        hot_key_rows=args.hot_key_rows,
+        **({"countries": _countries(args.countries)} if args.countries else {}),
+    )
+    t0 = time.perf_counter()
+    bars.add("generate", spec.rows + spec.hot_key_rows, "rows")
+    try:
+        report = generate(spec, Path(args.out), on_rows=lambda n: bars.advance("generate", n))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    bars.__exit__(None, None, None)
+    took = time.perf_counter() - t0
+    _say(args, f"generated {report.rows:,} rows in {took:.1f} s → {report.path}")
+    if report.bad_rows:
+        _say(args, "bad rows: " + ", ".join(f"{k}={v}" for k, v in report.bad_rows.items()))
+    return RET_OK
+
+
+def _countries(text: str) -> dict[str, str]:
+    from dispatchkit.generator import DEFAULT_COUNTRIES
+
+    out: dict[str, str] = {}
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        name, _, locale = item.partition("=")
+        if not locale:
+            if name not in DEFAULT_COUNTRIES:
+                raise UsageError(f"unknown country {name!r}: give NAME=LOCALE, e.g. 'Chile=es_CL'")
+            locale = DEFAULT_COUNTRIES[name]
+        out[name] = locale
+    return out
+
+
+# -- run --------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace, bars: Bars) -> int:
+    from dispatchkit.runner import RunSpec, run_embedded
+    from dispatchkit.worker import RetryPolicy
+
+    source = args.input
+    if source is None:
+        path = default_data_path()
+        if not path.exists():
+            from dispatchkit.generator import GenerateSpec, generate
+
+            _say(args, f"no INPUT given: generating the default dataset at {path} (once)")
+            bars.add("generate", DEFAULT_ROWS, "rows")
+            generate(
+                GenerateSpec(rows=DEFAULT_ROWS, seed=DEFAULT_SEED),
+                path,
+                on_rows=lambda n: bars.advance("generate", n),
+            )
+        source = str(path)
+    spec = RunSpec(
+        input=source,
+        out=Path(args.out),
+        run_id=args.run_id,
+        task=args.task,
+        workers=args.workers,
+        start=args.start,
+        end=args.end,
+        strict=args.strict,
+        max_message_bytes=args.max_message_bytes,
+        retry=RetryPolicy(attempts=args.attempts),
+        report=not args.no_report,
+    )
+    if args.broker == "kafka":
+        from dispatchkit.kafka_run import run_kafka
+
+        summary = run_kafka(spec, _kafka_settings(args), bars)
+    else:
+        summary = run_embedded(spec, bars)
+    bars.__exit__(None, None, None)
+    _print_summary(args, summary)
+    return RET_OK if summary.status == "complete" else 1
+
+
+def _print_summary(args: argparse.Namespace, summary: object) -> None:
+    from dispatchkit.runner import RunSummary
+
+    assert isinstance(summary, RunSummary)
+    s = summary
+    lines = [
+        f"run {s.run_id}: {s.status}",
+        f"  rows     {s.rows_read:,} read, {s.rows_valid:,} valid, "
+        f"{s.rows_quarantined:,} quarantined",
+        f"  jobs     {s.jobs:,} total, {s.jobs_done:,} done "
+        f"({s.jobs_sent:,} sent now, {s.jobs_skipped:,} already stored"
+        + (f", {s.split_jobs:,} split" if s.split_jobs else "")
+        + ")",
+        "  time     " + ", ".join(f"{k} {v:.2f} s" for k, v in s.seconds.items()),
+    ]
+    if s.bad_rows:
+        lines.append("  bad rows " + ", ".join(f"{k}={v:,}" for k, v in sorted(s.bad_rows.items())))
+    if s.worker_restarts:
+        lines.append(f"  workers  {s.worker_restarts} restarted after a crash")
+    for name, path in s.files.items():
+        lines.append(f"  {name:<18} {path}")
+    if s.failed_jobs:
+        lines.append(f"  FAILED   {len(s.failed_jobs)} job(s) dead-lettered:")
+        lines.extend(f"    {f}" for f in s.failed_jobs[:20])
+        if len(s.failed_jobs) > 20:
+            lines.append(f"    … and {len(s.failed_jobs) - 20} more")
+    print("\n".join(lines))
+
+
+# -- report -----------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace, bars: Bars) -> int:
+    from dispatchkit.report import plot_report_file
+
+    src = Path(args.results)
+    if not src.exists():
+        raise UsageError(f"{src}: no such results file")
+    try:
+        out = plot_report_file(src, Path(args.out), title=args.title)
+    except ValueError as exc:
+        raise UsageError(f"{src}: {exc}") from None
+    _say(args, f"report written to {out}")
+    return RET_OK
+
+
+# -- plumbing ---------------------------------------------------------------------------
+
+
+def _kafka_settings(args: argparse.Namespace) -> object:
+    from dispatchkit.config import kafka_settings_from_args
+
+    return kafka_settings_from_args(args)
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="dispatchkit",
+        description="The Dispatcher pattern for data jobs: cut a dataset into atomic jobs by "
+        "key, fan them out to workers (local processes or Kafka), collect exact results.",
+        formatter_class=_Formatter,
+        epilog="examples:\n  dispatchkit run --out out/          # the whole job, 2M rows\n"
+        "  dispatchkit generate --rows 200000 --out data/small.parquet\n"
+        "  dispatchkit run data/small.parquet --out out/small --workers 2",
+    )
+    parser.add_argument("--version", action="version", version=f"dispatchkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help: str, epilog: str, fn: Callable[..., int]) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, help=help, description=help, epilog=epilog, formatter_class=_Formatter
+        )
+        p.set_defaults(fn=fn)
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or chatter")
+        p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+        return p
+
+    g = add(
+        "generate",
+        "generate the fake COVID-19 test dataset",
+        "examples:\n  dispatchkit generate --rows 2000000 --out data/covid.parquet\n"
+        "  dispatchkit generate --rows 10000 --seed 7 --out sample.csv",
+        cmd_generate,
+    )
+    g.add_argument("--rows", type=_positive_int, default=DEFAULT_ROWS, help="rows to generate")
+    g.add_argument(
+        "--seed", type=int, default=DEFAULT_SEED, help="random seed (same seed, same file)"
+    )
+    g.add_argument("--out", required=True, help="output file: .parquet or .csv")
+    g.add_argument("--countries", help="comma-separated countries (NAME or NAME=LOCALE)")
+    g.add_argument("--dirty", type=float, default=0.0, help="fraction of rows to corrupt (tests)")
+    g.add_argument("--hot-key-rows", type=int, default=0, help="extra rows in one (country, hour)")
+
+    r = add(
+        "run",
+        "run the whole job: dispatch, work, store, report",
+        "examples:\n  dispatchkit run --out out/                 # default 2M-row dataset\n"
+        "  dispatchkit run data/covid.parquet --out out/ --workers 4\n"
+        "  dispatchkit run 'data/*.csv' --out out/ --run-id march --strict\n"
+        "  dispatchkit run data/covid.parquet --out out/ --broker kafka "
+        "--bootstrap-servers 127.0.0.1:9092",
+        cmd_run,
+    )
+    r.add_argument(
+        "input",
+        nargs="?",
+        help="Parquet/CSV file, directory or glob "
+        "(default: generate 2M rows once under $DISPATCHKIT_DATA or ./data)",
+    )
+    r.add_argument("--out", default="out", help="output directory")
+    r.add_argument(
+        "--run-id",
+        help="run id (default: derived from the input's content); rerunning an id resumes it",
+    )
+    r.add_argument(
+        "--workers", type=_positive_int, default=os.cpu_count() or 1, help="worker processes"
+    )
+    r.add_argument("--task", default="positive-rate", help="positive-rate or beta-posterior")
+    r.add_argument(
+        "--start",
+        type=_date,
+        default=datetime(2020, 3, 1, tzinfo=UTC),
+        help="first valid test time (UTC)",
+    )
+    r.add_argument(
+        "--end",
+        type=_date,
+        default=datetime(2021, 1, 1, tzinfo=UTC),
+        help="end of valid test times, exclusive (UTC)",
+    )
+    r.add_argument("--strict", action="store_true", help="fail on the first invalid row")
+    r.add_argument(
+        "--attempts",
+        type=_positive_int,
+        default=3,
+        help="tries per failing job before it is dead-lettered",
+    )
+    r.add_argument(
+        "--max-message-bytes",
+        type=_positive_int,
+        default=900_000,
+        help="largest job batch message; bigger jobs are split into parts",
+    )
+    r.add_argument("--no-report", action="store_true", help="skip report.png")
+    r.add_argument("--broker", choices=["embedded", "kafka"], default="embedded", help="transport")
+    _add_kafka_flags(r, required=False)
+
+    rp = add(
+        "report",
+        "redraw report.png from a results file",
+        "examples:\n  dispatchkit report out/results.parquet --out out/report.png",
+        cmd_report,
+    )
+    rp.add_argument("results", help="results.parquet or results.csv")
+    rp.add_argument("--out", default="report.png", help="PNG to write")
+    rp.add_argument("--title", help="chart title")
+
+    _add_kafka_commands(add)
+    return parser
+
+
+def _add_kafka_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
+    k = p.add_argument_group("kafka")
+    k.add_argument(
+        "--bootstrap-servers",
+        "-b",
+        help="Kafka bootstrap servers (or $DISPATCHKIT_BOOTSTRAP_SERVERS)",
+    )
+    k.add_argument(
+        "-X",
+        dest="kafka_options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any librdkafka setting, e.g. -X security.protocol=SASL_SSL",
+    )
+    k.add_argument(
+        "--kafka-config", help="file of librdkafka key=value lines (or $DISPATCHKIT_KAFKA_CONFIG)"
+    )
+    k.add_argument("--topic-prefix", default="dispatchkit", help="prefix of the topic names")
+    k.add_argument(
+        "--partitions", type=_positive_int, default=12, help="partitions of the jobs topic"
+    )
+
+
+def _add_kafka_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    try:
+        from dispatchkit.kafka_cli import register
+    except ImportError:  # pragma: no cover - the Kafka commands ship with the package
+        return
+    register(add, _add_kafka_flags)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        logging.getLogger().setLevel(max(level, logging.ERROR))
+    bars = Bars(enabled=False if args.quiet else None)
+    try:
+        with bars:
+            code: int = args.fn(args, bars)
+        return code
+    except DispatchkitError as exc:
+        bars.__exit__(None, None, None)
+        print(f"dispatchkit: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("dispatchkit: interrupted", file=sys.stderr)
+        return RET_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

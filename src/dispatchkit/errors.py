@@ -1,0 +1,75 @@
+"""Every error dispatchkit raises on purpose, and the CLI exit code each maps to.
+
+::
+
+    DispatchkitError                  base; ``exit_code`` tells the CLI what to return
+    ├── UsageError                    a bad flag value or combination            (2)
+    ├── InputError                    missing/empty/corrupt input, wrong schema  (2)
+    │   └── BadRowError               --strict: the first invalid row            (2)
+    ├── RunError                      a run id reused with another input, …      (1)
+    ├── DecodeError                   bytes that are not a valid message         (1)
+    ├── TaskError                     a task raised while computing a job         (1)
+    └── BrokerError                   the transport failed                       (3)
+        ├── DeliveryError             a message was not delivered
+        └── FatalBrokerError          the client cannot go on (fenced, fatal)
+
+The CLI prints ``str(error)`` as one line on stderr and exits with ``exit_code``;
+anything else escaping is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+#: Exit codes, named as dramatiq names them.
+RET_OK = 0
+RET_FAILED = 1
+RET_USAGE = 2
+RET_BROKER = 3
+RET_INTERRUPTED = 130
+
+
+class DispatchkitError(Exception):
+    """Base of every error dispatchkit raises on purpose."""
+
+    exit_code = RET_FAILED
+
+
+class UsageError(DispatchkitError):
+    """A flag value or combination that cannot work."""
+
+    exit_code = RET_USAGE
+
+
+class InputError(DispatchkitError):
+    """The input file(s) cannot be read as a dataset of test records."""
+
+    exit_code = RET_USAGE
+
+
+class BadRowError(InputError):
+    """A row failed validation and the run is ``--strict``."""
+
+
+class RunError(DispatchkitError):
+    """A run cannot start or finish as asked (e.g. a run id reused for another input)."""
+
+
+class DecodeError(DispatchkitError):
+    """Bytes that do not decode to a supported message."""
+
+
+class TaskError(DispatchkitError):
+    """The task raised while computing a job."""
+
+
+class BrokerError(DispatchkitError):
+    """The message transport failed."""
+
+    exit_code = RET_BROKER
+
+
+class DeliveryError(BrokerError):
+    """A produced message was not acknowledged by the broker."""
+
+
+class FatalBrokerError(BrokerError):
+    """The client is fenced or hit a fatal error; the process must restart."""

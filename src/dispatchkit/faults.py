@@ -1,0 +1,65 @@
+"""Fault injection for the test suite: crash or fail at named points.
+
+Read from ``DISPATCHKIT_TEST_FAULTS`` (comma-separated) once per process; unset in normal
+use, where every hook is a cheap no-op. Recognized entries:
+
+``crash:<point>``          ``os._exit(137)`` (as a kill -9 would) the first time the
+                           point is reached; ``crash:<point>@<n>`` on its n-th time.
+``fail:<country>``         every job of that country raises (a task that always fails).
+``fail-once:<country>``    its jobs fail on the first attempt only.
+``slow:<seconds>``         each batch takes that much longer (a long job).
+
+Points: ``worker.after_produce`` (results produced, transaction not committed),
+``collector.after_store`` (results stored, offsets not committed),
+``dispatch.mid_publish`` (after some batches are published).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+_spec = [s for s in os.environ.get("DISPATCHKIT_TEST_FAULTS", "").split(",") if s]
+_counts: dict[str, int] = {}
+_failed_once: set[tuple[str, int]] = set()
+
+
+def enabled() -> bool:
+    return bool(_spec)
+
+
+def crash_point(point: str) -> None:
+    """Exit at once, without cleanup, if the tests asked for a crash at ``point``."""
+    if not _spec:
+        return
+    _counts[point] = _counts.get(point, 0) + 1
+    for entry in _spec:
+        if not entry.startswith("crash:"):
+            continue
+        name, _, nth = entry[6:].partition("@")
+        if name == point and _counts[point] == int(nth or 1):
+            os._exit(137)
+
+
+def maybe_fail_job(country: str, date_hour: int) -> None:
+    """Raise if the tests asked this country's jobs to fail."""
+    if not _spec:
+        return
+    for entry in _spec:
+        if entry == f"fail:{country}":
+            raise RuntimeError(f"injected failure for {country}")
+        if entry == f"fail-once:{country}" and (country, date_hour) not in _failed_once:
+            _failed_once.add((country, date_hour))
+            raise RuntimeError(f"injected one-time failure for {country}")
+
+
+def slow_seconds() -> float:
+    for entry in _spec:
+        if entry.startswith("slow:"):
+            return float(entry[5:])
+    return 0.0
+
+
+def maybe_sleep() -> None:
+    if _spec and (s := slow_seconds()):
+        time.sleep(s)

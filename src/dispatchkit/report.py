@@ -1,0 +1,528 @@
+"""Charts for people: the daily positive rate per country, and the benchmark bars.
+
+This is the last step of the data flow. Workers compute one row per (country, hour);
+once those rows are stored, the run calls :func:`plot_report` on the results table, and
+``dispatchkit report`` calls :func:`plot_report_file` to redraw the same chart later from
+a stored ``results.parquet`` or ``results.csv`` without rerunning anything.
+
+Hours are summed into UTC days before plotting (:func:`daily_rates`): the daily rate is
+positives / tests over the day, so busy hours weigh more than quiet ones, and the Wilson
+interval is recomputed from the daily sums rather than averaged from the hourly ones.
+
+The chart is small multiples — one panel per country on shared axes — because twenty
+lines on one axes cannot be told apart. Figures are built from
+:class:`matplotlib.figure.Figure` on an Agg canvas, never through ``pyplot``, so drawing
+touches no global state and is safe from worker threads and headless machines. Files are
+written to a temporary name and renamed, so a reader never sees half a PNG.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from datetime import date
+from pathlib import Path
+
+import matplotlib.dates as mdates
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+from matplotlib.artist import Artist
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+from dispatchkit.stats import wilson_arrays
+
+__all__ = [
+    "DEFAULT_TITLE",
+    "REQUIRED_COLUMNS",
+    "daily_rates",
+    "plot_benchmark",
+    "plot_report",
+    "plot_report_file",
+]
+
+#: Columns of the results table that the report reads; the others are ignored.
+REQUIRED_COLUMNS: tuple[str, ...] = ("country", "date_hour", "tests", "positives")
+
+DEFAULT_TITLE = "Daily COVID-19 test positive rate by country (95% Wilson interval)"
+
+#: The benchmark row keys that :func:`plot_benchmark` reads.
+BENCHMARK_KEYS: tuple[str, ...] = (
+    "variant",
+    "wall_median_s",
+    "wall_min_s",
+    "wall_max_s",
+    "peak_rss_max_mb",
+    "peak_rss_total_mb",
+)
+
+_DPI = 120
+_LINE = "#1f5fa6"
+_BAND = "#8fb3e0"
+_POOLED = "#9a9a9a"
+_GRID = "#e3e3e3"
+_MUTED = "#555555"
+_WALL = "#1f5fa6"
+_RSS_MAX = "#e08a2c"
+_RSS_TOTAL = "#f3c58f"
+# Small-multiple geometry, in inches.
+_PANEL_W, _PANEL_H = 2.9, 1.7
+_GAP_W, _GAP_H = 0.25, 0.45
+_MARGIN_LEFT, _MARGIN_RIGHT = 0.6, 0.25
+_MARGIN_TOP, _MARGIN_BOTTOM = 1.3, 0.4
+#: Narrowest figure, so the title, subtitle and key fit on one line each.
+_MIN_WIDTH = 10.0
+
+
+def daily_rates(results: pl.DataFrame) -> pl.DataFrame:
+    """Sum hourly results into one row per (country, UTC day).
+
+    Returns columns ``country``, ``date`` (``pl.Date``), ``tests``, ``positives``,
+    ``positive_rate`` (daily positives / daily tests, i.e. weighted by tests, not a mean
+    of the hourly rates), ``ci_low`` and ``ci_high`` (Wilson 95% on the daily sums),
+    sorted by country then date. Days without tests have no row.
+    """
+    _check_results(results, "the results table")
+    day = _utc_day(results.schema["date_hour"])
+    daily = (
+        results.lazy()
+        .select(
+            pl.col("country").cast(pl.String),
+            day.alias("date"),
+            pl.col("tests").cast(pl.Int64),
+            pl.col("positives").cast(pl.Int64),
+        )
+        .group_by("country", "date")
+        .agg(pl.col("tests").sum(), pl.col("positives").sum())
+        .filter(pl.col("tests") > 0)
+        .sort("country", "date")
+        .collect()
+    )
+    tests = daily["tests"].to_numpy()
+    positives = daily["positives"].to_numpy()
+    low, high = wilson_arrays(positives, tests)
+    return daily.with_columns(
+        positive_rate=pl.Series(positives / np.maximum(tests, 1), dtype=pl.Float64),
+        ci_low=pl.Series(low, dtype=pl.Float64),
+        ci_high=pl.Series(high, dtype=pl.Float64),
+    )
+
+
+def plot_report(results: pl.DataFrame, path: Path, *, title: str | None = None) -> Path:
+    """Draw the daily positive rate of every country as small multiples and save a PNG.
+
+    One panel per country (alphabetical), all on the same date and percent axes: the line
+    is the daily rate, the shaded band its 95% Wilson interval, and the thin grey line
+    the rate of all countries pooled, for comparison. Returns ``path``.
+    """
+    daily = daily_rates(results)
+    if daily.height == 0:
+        raise ValueError("the results table has no tests to plot")
+
+    countries: list[str] = daily["country"].unique().sort().to_list()
+    first: date = daily["date"].min()  # type: ignore[assignment]
+    last: date = daily["date"].max()  # type: ignore[assignment]
+    n_days = (last - first).days + 1
+    # Every panel shares one day axis; a day without tests stays NaN so the line breaks
+    # there instead of drawing a straight segment across the gap.
+    days = np.datetime64(first, "D") + np.arange(n_days)
+    # matplotlib.dates ships without type hints, hence the ignores on its calls.
+    x: npt.NDArray[np.float64] = mdates.date2num(days)  # type: ignore[no-untyped-call]
+
+    pooled = daily.group_by("date").agg(pl.col("tests").sum(), pl.col("positives").sum())
+    pooled_rate = _on_days(pooled, first, n_days, pl.col("positives") / pl.col("tests"))
+
+    nrows, ncols = _grid(len(countries))
+    fig, axes = _panel_figure(nrows, ncols)
+
+    for i, country in enumerate(countries):
+        ax = axes[i]
+        one = daily.filter(pl.col("country") == country)
+        rate = _on_days(one, first, n_days, pl.col("positive_rate"))
+        low = _on_days(one, first, n_days, pl.col("ci_low"))
+        high = _on_days(one, first, n_days, pl.col("ci_high"))
+        if len(countries) > 1:
+            ax.plot(x, pooled_rate, color=_POOLED, linewidth=0.8, zorder=2)
+        ax.fill_between(x, low, high, color=_BAND, alpha=0.55, linewidth=0, zorder=1)
+        ax.plot(x, rate, color=_LINE, linewidth=1.1, zorder=3)
+        # A day between two days without tests has no segment to draw: mark it instead.
+        alone = _isolated(rate)
+        if alone.any():
+            ax.vlines(x[alone], low[alone], high[alone], color=_BAND, alpha=0.55, lw=2.5, zorder=1)
+            ax.plot(x[alone], rate[alone], "o", color=_LINE, markersize=2.5, zorder=3)
+        overall = int(one["positives"].sum()) / int(one["tests"].sum())
+        ax.set_title(_short(country), loc="left", fontsize=10, fontweight="bold", pad=3)
+        ax.set_title(f"{overall:.1%} overall", loc="right", fontsize=8, color=_MUTED, pad=3)
+        _style_panel(ax)
+
+    for j in range(len(countries), nrows * ncols):
+        axes[j].set_visible(False)
+        # With shared x only the bottom row shows dates; when the last row is short, the
+        # panel just above an empty slot is the bottom of its column.
+        if j - ncols >= 0:
+            axes[j - ncols].xaxis.set_tick_params(labelbottom=True)
+
+    ref = axes[0]
+    ref.set_xlim(x[0] - 0.5, x[-1] + 0.5)
+    locator = mdates.AutoDateLocator(minticks=3, maxticks=6)  # type: ignore[no-untyped-call]
+    formatter = mdates.ConciseDateFormatter(locator, show_offset=False)  # type: ignore[no-untyped-call]
+    ref.xaxis.set_major_locator(locator)
+    ref.xaxis.set_major_formatter(formatter)
+    top = _y_top(daily)
+    ref.set_ylim(0.0, top)
+    ref.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0 if top >= 0.05 else 1))
+    ref.yaxis.set_major_locator(MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]))
+
+    total = int(daily["tests"].sum())
+    span = f"{first:%d %b %Y} – {last:%d %b %Y}" if n_days > 1 else f"{first:%d %b %Y}"
+    places = "country" if len(countries) == 1 else "countries"
+    _header(
+        fig,
+        title if title is not None else DEFAULT_TITLE,
+        f"{total:,} tests in {len(countries)} {places}, {span} (UTC days)",
+        pooled=len(countries) > 1,
+    )
+    return _save(fig, path)
+
+
+def plot_report_file(results_path: Path, out: Path, *, title: str | None = None) -> Path:
+    """Redraw the report from a stored ``results.parquet`` or ``results.csv``.
+
+    In CSV the ``date_hour`` column is ISO 8601 text (``2020-03-01T05:00:00Z``); times
+    without an offset are taken as UTC. Raises ``ValueError`` for an empty file, an
+    unknown format or missing columns. Returns ``out``.
+    """
+    results = _read_results(Path(results_path))
+    return plot_report(results, out, title=title)
+
+
+def plot_benchmark(rows: Sequence[Mapping[str, object]], path: Path, *, title: str) -> Path:
+    """Draw wall time and peak memory per benchmark variant, two panels side by side.
+
+    Left: median wall time with a min–max whisker. Right: peak resident memory of the
+    largest process and of all processes together. Variants are drawn top to bottom in
+    the order given; a NaN value (not measured) leaves out its bar and label. Returns
+    ``path``.
+    """
+    if not rows:
+        raise ValueError("no benchmark rows to plot")
+    variants: list[str] = []
+    values: dict[str, list[float]] = {key: [] for key in BENCHMARK_KEYS[1:]}
+    for i, row in enumerate(rows):
+        missing = [key for key in BENCHMARK_KEYS if key not in row]
+        if missing:
+            raise ValueError(f"benchmark row {i} is missing {_names(missing, 'key')}")
+        variants.append(str(row["variant"]))
+        for key, column in values.items():
+            column.append(_number(row[key], key, i))
+
+    n = len(variants)
+    y = np.arange(n, dtype=np.float64)
+    fig = Figure(figsize=(12.0, 1.6 + 0.75 * n), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    wall_ax, rss_ax = fig.subplots(1, 2, sharey=True)
+
+    median = np.array(values["wall_median_s"])
+    low = np.array(values["wall_min_s"])
+    high = np.array(values["wall_max_s"])
+    # A missing min or max (NaN) just drops that whisker.
+    xerr = np.nan_to_num(
+        np.vstack([np.clip(median - low, 0, None), np.clip(high - median, 0, None)])
+    )
+    wall_ax.barh(y, median, height=0.6, color=_WALL, xerr=xerr, capsize=4, ecolor="#333333")
+    for yi, m, hi in zip(y, median, high, strict=True):
+        if not math.isfinite(m):
+            continue
+        wall_ax.annotate(
+            _seconds(m),
+            (max(m, hi) if math.isfinite(hi) else m, yi),
+            xytext=(5, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=9,
+        )
+    wall_ax.set_title("Wall time, median of runs (whisker: min–max)", loc="left", fontsize=11)
+    wall_ax.set_xlabel("seconds")
+    wall_ax.set_xlim(0, _headroom(np.concatenate([median, high])))
+
+    rss_max = np.array(values["peak_rss_max_mb"])
+    rss_total = np.array(values["peak_rss_total_mb"])
+    h = 0.36
+    rss_ax.barh(y - h / 2, rss_max, height=h, color=_RSS_MAX, label="largest process")
+    rss_ax.barh(y + h / 2, rss_total, height=h, color=_RSS_TOTAL, label="all processes")
+    for yi, a, b in zip(y, rss_max, rss_total, strict=True):
+        for offset, v in ((-h / 2, a), (h / 2, b)):
+            if not math.isfinite(v):
+                continue
+            rss_ax.annotate(
+                f"{v:,.0f} MB",
+                (v, yi + offset),
+                xytext=(5, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=9,
+            )
+    rss_ax.set_title("Peak memory (RSS)", loc="left", fontsize=11)
+    rss_ax.set_xlabel("MB")
+    rss_ax.set_xlim(0, _headroom(np.concatenate([rss_max, rss_total])))
+    # Above the panel, right of its title: inside it would cover the longest bar.
+    rss_ax.legend(
+        loc="lower right",
+        bbox_to_anchor=(1.0, 1.0),
+        ncols=2,
+        fontsize=9,
+        frameon=False,
+        borderaxespad=0.2,
+    )
+
+    wall_ax.set_yticks(y, variants)
+    wall_ax.invert_yaxis()
+    for ax in (wall_ax, rss_ax):
+        ax.grid(axis="x", color=_GRID, linewidth=0.8)
+        ax.set_axisbelow(True)
+        ax.tick_params(axis="y", length=0)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    fig.suptitle(title, fontsize=14, fontweight="bold")
+    return _save(fig, path)
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _check_results(results: pl.DataFrame, where: str) -> None:
+    """Raise ``ValueError`` unless ``results`` has the columns and types the report needs."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in results.columns]
+    if missing:
+        raise ValueError(
+            f"{where} is missing {_names(missing)}; the report needs {_names(REQUIRED_COLUMNS)}"
+        )
+    schema = results.schema
+    if not isinstance(schema["date_hour"], pl.Datetime | pl.Date):
+        raise ValueError(
+            f"column 'date_hour' in {where} must be a datetime, not {schema['date_hour']}"
+        )
+    for name in ("tests", "positives"):
+        if not schema[name].is_integer():
+            raise ValueError(f"column '{name}' in {where} must hold integers, not {schema[name]}")
+    nulls = results.select(pl.any_horizontal(pl.col(*REQUIRED_COLUMNS).is_null()).sum()).item()
+    if nulls:
+        raise ValueError(f"{where} has {nulls} row(s) with an empty {_names(REQUIRED_COLUMNS)}")
+    bad = results.select(
+        ((pl.col("positives") < 0) | (pl.col("positives") > pl.col("tests"))).sum()
+    ).item()
+    if bad:
+        raise ValueError(f"{where} has {bad} row(s) where positives is not within 0..tests")
+
+
+def _utc_day(dtype: pl.DataType) -> pl.Expr:
+    """The UTC calendar day of ``date_hour``; naive datetimes are taken as UTC."""
+    col = pl.col("date_hour")
+    if isinstance(dtype, pl.Date):
+        return col
+    if isinstance(dtype, pl.Datetime) and dtype.time_zone is not None:
+        return col.dt.convert_time_zone("UTC").dt.date()
+    return col.dt.date()
+
+
+def _on_days(
+    frame: pl.DataFrame, first: date, n_days: int, value: pl.Expr
+) -> npt.NDArray[np.float64]:
+    """``value`` per row of ``frame`` spread onto ``n_days`` days from ``first``; NaN elsewhere."""
+    out = np.full(n_days, np.nan)
+    index = (frame["date"] - first).dt.total_days().to_numpy()
+    out[index] = frame.select(value.cast(pl.Float64)).to_series().to_numpy()
+    return out
+
+
+def _isolated(values: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+    """Where ``values`` is finite but both neighbours are NaN (or the edge)."""
+    known: npt.NDArray[np.bool_] = np.isfinite(values)
+    padded = np.pad(known, 1, constant_values=False)
+    alone: npt.NDArray[np.bool_] = known & ~padded[:-2] & ~padded[2:]
+    return alone
+
+
+def _grid(n: int) -> tuple[int, int]:
+    """(rows, columns) for ``n`` panels: landscape, with as few empty slots as can be.
+
+    Twenty gives 4×5, thirty 5×6, seven 2×4, three 1×3.
+    """
+    widest = math.ceil(math.sqrt(2 * n))
+    ncols = min(
+        range(math.ceil(math.sqrt(n)), widest + 1),
+        key=lambda cols: (math.ceil(n / cols) * cols - n, cols),
+    )
+    return math.ceil(n / ncols), ncols
+
+
+def _header(fig: Figure, title: str, subtitle: str, *, pooled: bool) -> None:
+    """Title, subtitle and the key, left-aligned with the panels in the top margin."""
+    left = _MARGIN_LEFT / fig.get_figwidth()
+    height = fig.get_figheight()
+    fig.text(left, 1 - 0.2 / height, title, ha="left", va="top", fontsize=15, weight="bold")
+    fig.text(left, 1 - 0.55 / height, subtitle, ha="left", va="top", fontsize=10, color=_MUTED)
+    key: list[Artist] = [
+        Line2D([], [], color=_LINE, linewidth=1.6),
+        Patch(color=_BAND, alpha=0.55, linewidth=0),
+    ]
+    labels = ["daily positive rate", "95% Wilson interval"]
+    if pooled:
+        key.append(Line2D([], [], color=_POOLED, linewidth=1.2))
+        labels.append("all countries pooled")
+    fig.legend(
+        key,
+        labels,
+        loc="upper left",
+        bbox_to_anchor=(left, 1 - 0.8 / height),
+        borderaxespad=0,
+        borderpad=0,
+        ncols=3,
+        frameon=False,
+        fontsize=9,
+        handlelength=1.8,
+        columnspacing=1.8,
+    )
+
+
+def _y_top(daily: pl.DataFrame) -> float:
+    """Upper y limit shared by all panels.
+
+    Every daily rate stays in view, but a handful of near-empty days, whose Wilson band
+    reaches far up, may not flatten all the other panels: their band is clipped instead.
+    """
+    high = daily["ci_high"].to_numpy()
+    top = max(float(daily["positive_rate"].max()), float(np.nanquantile(high, 0.99)))  # type: ignore[arg-type]
+    return min(1.0, top * 1.08) if top > 0 else 0.01
+
+
+def _panel_figure(nrows: int, ncols: int) -> tuple[Figure, list[Axes]]:
+    """A figure of ``nrows`` × ``ncols`` panels sharing both axes, laid out in inches.
+
+    Fixed margins instead of constrained layout: the header needs a known place, and
+    the layout solver costs more than drawing twenty panels. Few panels are widened
+    (and heightened) so the header still fits across the figure.
+    """
+    frame = _MARGIN_LEFT + (ncols - 1) * _GAP_W + _MARGIN_RIGHT
+    panel_w = max(_PANEL_W, (_MIN_WIDTH - frame) / ncols)
+    panel_h = max(_PANEL_H, min(0.45 * panel_w, 3.6))
+    width = frame + ncols * panel_w
+    height = _MARGIN_TOP + nrows * panel_h + (nrows - 1) * _GAP_H + _MARGIN_BOTTOM
+    fig = Figure(figsize=(width, height), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    grid = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
+    fig.subplots_adjust(
+        left=_MARGIN_LEFT / width,
+        right=1 - _MARGIN_RIGHT / width,
+        bottom=_MARGIN_BOTTOM / height,
+        top=1 - _MARGIN_TOP / height,
+        wspace=_GAP_W / panel_w,
+        hspace=_GAP_H / panel_h,
+    )
+    return fig, [ax for row in grid for ax in row]
+
+
+def _style_panel(ax: Axes) -> None:
+    ax.grid(True, color=_GRID, linewidth=0.7)
+    ax.set_axisbelow(True)
+    ax.tick_params(labelsize=8, length=2.5, color="#999999")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    for side in ("left", "bottom"):
+        ax.spines[side].set_color("#999999")
+
+
+def _headroom(values: npt.NDArray[np.float64]) -> float:
+    """An x limit that leaves room for the value labels right of the longest bar."""
+    top = float(np.nanmax(values)) if values.size and np.isfinite(values).any() else 0.0
+    return top * 1.22 if top > 0 else 1.0
+
+
+def _short(name: str, limit: int = 22) -> str:
+    """``name`` cut to fit a panel title beside the overall rate."""
+    return name if len(name) <= limit else name[: limit - 1].rstrip() + "…"
+
+
+def _seconds(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f} s"
+    if value >= 10:
+        return f"{value:.1f} s"
+    return f"{value:.2f} s"
+
+
+def _number(value: object, key: str, row: int) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"benchmark row {row}: '{key}' must be a number, not {value!r}")
+    return float(value)
+
+
+def _names(names: Sequence[str], noun: str = "column") -> str:
+    """``column 'a'`` or ``columns 'a', 'b'``, for error messages."""
+    quoted = ", ".join(f"'{name}'" for name in names)
+    return f"{noun} {quoted}" if len(names) == 1 else f"{noun}s {quoted}"
+
+
+def _read_results(path: Path) -> pl.DataFrame:
+    """Read a results file written by the store, with ``date_hour`` as a UTC datetime."""
+    if not path.is_file():
+        raise FileNotFoundError(f"results file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"results file {path} is empty")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            results = pl.read_parquet(path)
+        elif suffix == ".csv":
+            # Read date_hour as text and parse it ourselves: every ISO 8601 spelling
+            # (Z, +00:00, +0000, none) lands on the same UTC instant.
+            text = {"date_hour": pl.String, "country": pl.String}
+            results = pl.read_csv(path, schema_overrides=text)
+        else:
+            raise ValueError(
+                f"results file {path} is neither .parquet nor .csv; cannot tell how to read it"
+            )
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise ValueError(f"cannot read results file {path}: {exc}") from exc
+    where = f"results file {path}"
+    missing = [c for c in REQUIRED_COLUMNS if c not in results.columns]
+    if missing:
+        raise ValueError(
+            f"{where} is missing {_names(missing)}; the report needs {_names(REQUIRED_COLUMNS)}"
+        )
+    if results.height == 0:
+        raise ValueError(f"{where} has a header but no rows")
+    if results.schema["date_hour"] == pl.String:
+        try:
+            results = results.with_columns(
+                pl.col("date_hour").str.to_datetime(time_unit="us", time_zone="UTC")
+            )
+        except pl.exceptions.PolarsError as exc:
+            raise ValueError(
+                f"column 'date_hour' in {where} is not ISO 8601 text such as "
+                f"2020-03-01T05:00:00Z: {exc}"
+            ) from exc
+    _check_results(results, where)
+    return results
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as PNG to ``path`` atomically: a temp file beside it, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=_DPI, facecolor="white")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

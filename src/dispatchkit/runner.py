@@ -1,0 +1,254 @@
+"""A whole run: prepare the input, dispatch, collect into the store, export, report.
+
+:func:`run_embedded` is what ``dispatchkit run`` does with the default (embedded)
+broker. The pieces — :func:`prepare`, :func:`pump_results` and :func:`finish` — are
+shared with the Kafka commands so both backends write the same files the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dispatchkit.brokers.base import Broker
+from dispatchkit.dispatcher import DEFAULT_MAX_MESSAGE_BYTES, Dispatcher, iso_hour
+from dispatchkit.errors import InputError, RunError
+from dispatchkit.message import JobBatch, decode
+from dispatchkit.progress import Bars
+from dispatchkit.reader import InputReader, RowCounts, fingerprint, resolve_inputs
+from dispatchkit.report import plot_report
+from dispatchkit.schema import DEFAULT_END, DEFAULT_START
+from dispatchkit.store import ResultStore, write_results
+from dispatchkit.task import get_task
+from dispatchkit.worker import RetryPolicy
+
+if TYPE_CHECKING:
+    from dispatchkit.brokers.embedded import EmbeddedBroker
+
+log = logging.getLogger(__name__)
+
+STORE_NAME = "dispatchkit.duckdb"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a run needs; built by the CLI, or by hand when used as a library."""
+
+    input: str
+    out: Path
+    run_id: str | None = None
+    task: str = "positive-rate"
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    start: datetime = DEFAULT_START
+    end: datetime = DEFAULT_END
+    strict: bool = False
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    memory_limit: str = "384MB"
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    report: bool = True
+    quiet: bool = False
+
+
+@dataclass
+class RunSummary:
+    """What a run did, for the printed summary and for tests."""
+
+    run_id: str
+    status: str = "started"
+    rows_read: int = 0
+    rows_valid: int = 0
+    rows_quarantined: int = 0
+    bad_rows: dict[str, int] = field(default_factory=dict)
+    jobs: int = 0
+    jobs_done: int = 0
+    jobs_sent: int = 0
+    jobs_skipped: int = 0
+    split_jobs: int = 0
+    batches: int = 0
+    duplicates_ignored: int = 0
+    failed_jobs: list[str] = field(default_factory=list)
+    worker_restarts: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    paths: list[Path]
+    fingerprint: str
+    run_id: str
+    reader: InputReader
+    counts: RowCounts
+    total_jobs: int
+
+
+def prepare(spec: RunSpec, summary_out: RunSummary | None = None) -> Prepared:
+    """Resolve and validate the input, write the quarantine files; nothing is dispatched."""
+    paths = resolve_inputs(spec.input)
+    fp = fingerprint(paths)
+    run_id = spec.run_id or f"run-{fp[:12]}"
+    get_task(spec.task)
+    if spec.start >= spec.end:
+        raise InputError(f"--start {spec.start:%Y-%m-%d} is not before --end {spec.end:%Y-%m-%d}")
+    reader = InputReader(
+        paths,
+        start=spec.start,
+        end=spec.end,
+        spill_dir=spec.out / ".spill",
+        memory_limit=spec.memory_limit,
+    )
+    try:
+        counts = reader.counts()
+        if spec.strict and counts.rows_bad:
+            reader.first_bad_row()
+        if counts.rows_read == 0:
+            raise InputError(f"{spec.input}: holds no rows")
+        reader.write_quarantine(spec.out)
+        total_jobs = reader.count_jobs()
+    except BaseException:
+        reader.close()
+        raise
+    return Prepared(paths, fp, run_id, reader, counts, total_jobs)
+
+
+def pump_results(broker: Broker, store: ResultStore, timeout: float, flush_at: int = 20_000) -> int:
+    """Move arrived results into the store; flush (then commit the broker) when enough wait.
+
+    Returns the number of job parts that arrived.
+    """
+    got = 0
+    for rb in broker.results(timeout):
+        store.add(rb.run_id, rb.worker, rb.results)
+        got += len(rb.results)
+    if store.buffered >= flush_at:
+        store.flush()
+        broker.commit_results()
+    return got
+
+
+def finish(
+    store: ResultStore, run_id: str, task: str, out: Path, *, report: bool, summary: RunSummary
+) -> None:
+    """Export results.parquet/csv and report.png from the store."""
+    t0 = time.perf_counter()
+    results = store.results(run_id, get_task(task))
+    pq_path, csv_path = write_results(results, out)
+    summary.files["results.parquet"] = pq_path
+    summary.files["results.csv"] = csv_path
+    summary.jobs_done = results.height
+    if report and results.height:
+        summary.files["report.png"] = plot_report(results, out / "report.png")
+    summary.seconds["export"] = time.perf_counter() - t0
+
+
+def run_embedded(spec: RunSpec, bars: Bars | None = None) -> RunSummary:
+    """Run the whole job on this machine with ``spec.workers`` worker processes."""
+    from dispatchkit.brokers.embedded import EmbeddedBroker
+
+    bars = bars or Bars(enabled=False)
+    t_start = time.perf_counter()
+    prep = prepare(spec)
+    summary = RunSummary(run_id=prep.run_id)
+    _count_rows(summary, prep)
+    summary.seconds["prepare"] = time.perf_counter() - t_start
+    with prep.reader, ResultStore(spec.out / STORE_NAME) as store:
+        record = store.start_run(prep.run_id, prep.fingerprint, spec.input, spec.task)
+        store.update_run(
+            prep.run_id,
+            status="dispatching",
+            rows_read=prep.counts.rows_read,
+            rows_quarantined=prep.counts.rows_bad,
+            total_jobs=prep.total_jobs,
+        )
+        done = store.done_keys(prep.run_id)
+        summary.jobs = prep.total_jobs
+        if record.status == "complete" and len(done) == prep.total_jobs:
+            log.info("run %s is already complete; nothing to do", prep.run_id)
+            summary.jobs_skipped = len(done)
+        else:
+            broker = EmbeddedBroker(spec.workers, retry=spec.retry)
+            _dispatch_and_collect(spec, prep, store, done, bars, summary, broker)
+        finish(store, prep.run_id, spec.task, spec.out, report=spec.report, summary=summary)
+        if summary.rows_valid and summary.jobs_done != prep.total_jobs:
+            summary.status = "incomplete"
+        else:
+            summary.status = "complete"
+        store.update_run(
+            prep.run_id,
+            status=summary.status,
+            rows_dispatched=summary.rows_valid,
+            total_parts=prep.total_jobs + summary.split_jobs,
+        )
+    summary.files["quarantine.parquet"] = spec.out / "quarantine.parquet"
+    summary.files["store"] = spec.out / STORE_NAME
+    summary.seconds["total"] = time.perf_counter() - t_start
+    return summary
+
+
+def _count_rows(summary: RunSummary, prep: Prepared) -> None:
+    summary.rows_read = prep.counts.rows_read
+    summary.rows_valid = prep.counts.rows_valid
+    summary.rows_quarantined = prep.counts.rows_bad
+    summary.bad_rows = dict(prep.counts.bad)
+
+
+def _dispatch_and_collect(
+    spec: RunSpec,
+    prep: Prepared,
+    store: ResultStore,
+    done: set[tuple[str, int]],
+    bars: Bars,
+    summary: RunSummary,
+    broker: EmbeddedBroker,
+) -> None:
+    dispatcher = Dispatcher(
+        prep.reader, run_id=prep.run_id, task=spec.task, max_message_bytes=spec.max_message_bytes
+    )
+    bars.add("dispatch", prep.counts.rows_valid, "rows")
+    bars.add("work", prep.total_jobs, "jobs")
+    bars.update("work", completed=len(done))
+    t0 = time.perf_counter()
+    try:
+        broker.start()
+        for i, batch in enumerate(
+            dispatcher.batches(skip=done, on_rows=lambda n: bars.advance("dispatch", n))
+        ):
+            broker.publish(batch)
+            if i % 64 == 0:
+                bars.advance("work", pump_results(broker, store, 0.0))
+        summary.seconds["dispatch"] = time.perf_counter() - t0
+        while broker.outstanding:
+            bars.advance("work", pump_results(broker, store, 0.5))
+        bars.advance("work", pump_results(broker, store, 0.0))
+        store.flush()
+    finally:
+        broker.close()
+    summary.seconds["work"] = time.perf_counter() - t0
+    stats = dispatcher.stats
+    if stats.rows_cut != prep.counts.rows_valid:
+        raise RunError(
+            f"internal check failed: {stats.rows_cut} rows cut into jobs but "
+            f"{prep.counts.rows_valid} rows are valid"
+        )
+    summary.jobs_sent = stats.jobs_sent
+    summary.jobs_skipped = stats.jobs_skipped
+    summary.split_jobs = stats.split_jobs
+    summary.batches = stats.batches
+    summary.duplicates_ignored = store.duplicates
+    summary.worker_restarts = broker.restarts
+    for dead in broker.dead_letters:
+        try:
+            batch = decode(dead.payload, JobBatch)
+        except Exception:
+            summary.failed_jobs.append(f"undecodable batch ({dead.rejection.error})")
+            continue
+        summary.failed_jobs.extend(
+            f"{j.country} {iso_hour(j.date_hour)}: {dead.rejection.error_class}: "
+            f"{dead.rejection.error}"
+            for j in batch.jobs
+        )

@@ -1,0 +1,314 @@
+"""The results store and run ledger: one DuckDB file per output directory.
+
+Why DuckDB: the results are a table that we upsert in bulk (tens of thousands of rows at
+a time, straight from Arrow), aggregate (split jobs add their parts up) and export to
+Parquet and CSV — DuckDB does all three in-process with no server, and its primary keys
+make the upsert idempotent. SQLite would need row-by-row inserts and a Parquet writer on
+the side; plain Parquet files cannot upsert.
+
+Tables:
+
+``runs``   one row per run id — input fingerprint, task, status, totals.
+``parts``  one row per job part, primary key ``(run_id, job_id, part)``; a part written
+           twice (a redone job) is kept once, so storing is idempotent.
+
+A job is *done* when all of its parts are stored. Results are buffered in memory and
+written by :meth:`ResultStore.flush`; callers commit their input only after a flush.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+
+from dispatchkit.errors import RunError
+from dispatchkit.message import JobResult
+from dispatchkit.task import Task
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY,
+    input_fingerprint VARCHAR NOT NULL,
+    inputs VARCHAR NOT NULL,
+    task VARCHAR NOT NULL,
+    status VARCHAR NOT NULL,
+    rows_read BIGINT DEFAULT 0,
+    rows_dispatched BIGINT DEFAULT 0,
+    rows_quarantined BIGINT DEFAULT 0,
+    total_jobs BIGINT DEFAULT 0,
+    total_parts BIGINT DEFAULT 0,
+    created_at DOUBLE NOT NULL,
+    updated_at DOUBLE NOT NULL
+);
+CREATE TABLE IF NOT EXISTS parts (
+    run_id VARCHAR NOT NULL,
+    job_id VARCHAR NOT NULL,
+    part INTEGER NOT NULL,
+    parts INTEGER NOT NULL,
+    country VARCHAR NOT NULL,
+    date_hour BIGINT NOT NULL,
+    tests BIGINT NOT NULL,
+    positives BIGINT NOT NULL,
+    positive_rate DOUBLE NOT NULL,
+    ci_low DOUBLE,
+    ci_high DOUBLE,
+    worker VARCHAR NOT NULL,
+    stored_at DOUBLE NOT NULL,
+    PRIMARY KEY (run_id, job_id, part)
+);
+"""
+
+_PART_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("job_id", pa.string()),
+        ("part", pa.int32()),
+        ("parts", pa.int32()),
+        ("country", pa.string()),
+        ("date_hour", pa.int64()),
+        ("tests", pa.int64()),
+        ("positives", pa.int64()),
+        ("positive_rate", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("worker", pa.string()),
+        ("stored_at", pa.float64()),
+    ]
+)
+
+RESULT_COLUMNS = (
+    "run_id",
+    "job_id",
+    "country",
+    "date_hour",
+    "tests",
+    "positives",
+    "positive_rate",
+    "ci_low",
+    "ci_high",
+)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A row of the run ledger."""
+
+    run_id: str
+    input_fingerprint: str
+    inputs: str
+    task: str
+    status: str
+    rows_read: int
+    rows_dispatched: int
+    rows_quarantined: int
+    total_jobs: int
+    total_parts: int
+    created_at: float
+    updated_at: float
+
+
+class ResultStore:
+    """Results and runs in a DuckDB file (``:memory:`` for a throwaway store)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(self.path)
+        except duckdb.IOException as exc:
+            raise RunError(f"{self.path}: cannot open the results store ({exc})") from None
+        self.con.execute(_SCHEMA)
+        self._buffer: list[tuple[str, str, JobResult]] = []
+        self.duplicates = 0
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.con.close()
+
+    # -- run ledger --------------------------------------------------------------------
+
+    def start_run(self, run_id: str, fingerprint: str, inputs: str, task: str) -> RunRecord:
+        """Record a new run, or return the existing one if it was made from the same input."""
+        existing = self.get_run(run_id)
+        if existing is not None:
+            if existing.input_fingerprint != fingerprint:
+                raise RunError(
+                    f"run {run_id!r} was made from different input "
+                    f"({existing.inputs}); choose another --run-id"
+                )
+            if existing.task != task:
+                raise RunError(
+                    f"run {run_id!r} used task {existing.task!r}, not {task!r}; "
+                    "choose another --run-id"
+                )
+            return existing
+        now = time.time()
+        self.con.execute(
+            "INSERT INTO runs (run_id, input_fingerprint, inputs, task, status, created_at, "
+            "updated_at) VALUES (?, ?, ?, ?, 'started', ?, ?)",
+            [run_id, fingerprint, inputs, task, now, now],
+        )
+        record = self.get_run(run_id)
+        assert record is not None
+        return record
+
+    def update_run(self, run_id: str, **fields: object) -> None:
+        """Set ledger fields (status, totals) of a run."""
+        allowed = set(RunRecord.__dataclass_fields__) - {"run_id", "created_at", "updated_at"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"unknown run fields: {sorted(unknown)}")
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self.con.execute(
+            f"UPDATE runs SET {sets}, updated_at = ? WHERE run_id = ?",
+            [*fields.values(), time.time(), run_id],
+        )
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        cur = self.con.execute("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        rows = cur.fetchall()
+        row = rows[0] if rows else None
+        if row is None:
+            return None
+        names = [d[0] for d in cur.description]
+        return RunRecord(**dict(zip(names, row, strict=True)))
+
+    # -- results -----------------------------------------------------------------------
+
+    def add(self, run_id: str, worker: str, results: Iterable[JobResult]) -> None:
+        """Buffer results; they are durable after :meth:`flush`."""
+        self._buffer.extend((run_id, worker, r) for r in results)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def flush(self) -> int:
+        """Write buffered results; returns how many parts were new (the rest were repeats)."""
+        if not self._buffer:
+            return 0
+        rows = self._buffer
+        now = time.time()
+        table = pa.table(
+            [
+                [r[0] for r in rows],
+                [r[2].job_id for r in rows],
+                [r[2].part for r in rows],
+                [r[2].parts for r in rows],
+                [r[2].country for r in rows],
+                [r[2].date_hour for r in rows],
+                [r[2].tests for r in rows],
+                [r[2].positives for r in rows],
+                [r[2].positive_rate for r in rows],
+                [r[2].ci_low for r in rows],
+                [r[2].ci_high for r in rows],
+                [r[1] for r in rows],
+                [now] * len(rows),
+            ],
+            schema=_PART_SCHEMA,
+        )
+        before = self._count_parts()
+        self.con.register("incoming", table)
+        try:
+            # A batch can repeat a part within itself (a redelivered message): keep one.
+            self.con.execute(
+                "INSERT INTO parts SELECT * FROM incoming "
+                "QUALIFY row_number() OVER (PARTITION BY run_id, job_id, part) = 1 "
+                "ON CONFLICT DO NOTHING"
+            )
+        finally:
+            self.con.unregister("incoming")
+        new = self._count_parts() - before
+        self.duplicates += len(rows) - new
+        self._buffer = []
+        return new
+
+    def _count_parts(self) -> int:
+        row = self.con.execute("SELECT count(*) FROM parts").fetchall()
+        return int(row[0][0]) if row else 0
+
+    def done_keys(self, run_id: str) -> set[tuple[str, int]]:
+        """``(country, date_hour)`` of every job whose parts are all stored."""
+        rows = self.con.execute(
+            "SELECT country, date_hour FROM parts WHERE run_id = ? "
+            "GROUP BY country, date_hour HAVING count(*) = max(parts)",
+            [run_id],
+        ).fetchall()
+        return {(str(c), int(h)) for c, h in rows}
+
+    def jobs_done(self, run_id: str) -> int:
+        row = self.con.execute(
+            "SELECT count(*) FROM (SELECT job_id FROM parts WHERE run_id = ? "
+            "GROUP BY job_id HAVING count(*) = max(parts))",
+            [run_id],
+        ).fetchall()
+        return int(row[0][0]) if row else 0
+
+    def results(self, run_id: str, task: Task) -> pl.DataFrame:
+        """One row per complete job, parts added up, sorted by country and hour."""
+        merged_arrow = self.con.sql(
+            """
+            SELECT run_id, job_id, country, date_hour, sum(tests)::BIGINT AS tests,
+                   sum(positives)::BIGINT AS positives, count(*) AS n_parts, max(parts) AS parts,
+                   any_value(positive_rate) AS positive_rate, any_value(ci_low) AS ci_low,
+                   any_value(ci_high) AS ci_high
+            FROM parts WHERE run_id = ?
+            GROUP BY run_id, job_id, country, date_hour
+            HAVING count(*) = max(parts)
+            ORDER BY country, date_hour
+            """,
+            params=[run_id],
+        ).to_arrow_table()
+        merged = pl.DataFrame(pl.from_arrow(merged_arrow))
+        split = merged.filter(pl.col("parts") > 1)
+        if split.height:
+            fixed = [
+                task.merge(j, int(k), int(n))
+                for j, k, n in zip(split["job_id"], split["positives"], split["tests"], strict=True)
+            ]
+            patch = split.select("job_id").with_columns(
+                pl.Series("positive_rate_m", [f[0] for f in fixed], pl.Float64),
+                pl.Series("ci_low_m", [f[1] for f in fixed], pl.Float64),
+                pl.Series("ci_high_m", [f[2] for f in fixed], pl.Float64),
+            )
+            merged = (
+                merged.join(patch, on="job_id", how="left")
+                .with_columns(
+                    pl.coalesce("positive_rate_m", "positive_rate").alias("positive_rate"),
+                    pl.coalesce("ci_low_m", "ci_low").alias("ci_low"),
+                    pl.coalesce("ci_high_m", "ci_high").alias("ci_high"),
+                )
+                .drop("positive_rate_m", "ci_low_m", "ci_high_m")
+            )
+        return merged.with_columns(
+            pl.from_epoch(pl.col("date_hour"), time_unit="s")
+            .dt.replace_time_zone("UTC")
+            .alias("date_hour")
+        ).select(RESULT_COLUMNS)
+
+
+def write_results(results: pl.DataFrame, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``results.parquet`` and ``results.csv`` (ISO 8601 UTC hours) atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pq_path, csv_path = out_dir / "results.parquet", out_dir / "results.csv"
+    tmp_pq, tmp_csv = pq_path.with_suffix(".parquet.tmp"), csv_path.with_suffix(".csv.tmp")
+    results.write_parquet(tmp_pq)
+    results.with_columns(pl.col("date_hour").dt.strftime("%Y-%m-%dT%H:%M:%SZ")).write_csv(tmp_csv)
+    tmp_pq.replace(pq_path)
+    tmp_csv.replace(csv_path)
+    return pq_path, csv_path
