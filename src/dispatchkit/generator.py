@@ -122,17 +122,9 @@ _HOUR = 3_600
 _DAY = 86_400
 
 # Dirty mode. Valid results in several spellings (normalize with strip().lower(); pos and
-# neg are accepted abbreviations), drawn with _SPELLING_WEIGHTS; then the invalid ones.
-_SPELLINGS = (
-    "negative",
-    "Negative",
-    " NEGATIVE ",
-    "neg",
-    "positive",
-    "Positive",
-    " POSITIVE ",
-    "pos",
-)
+# neg are accepted abbreviations) drawn with _SPELLING_WEIGHTS, then the invalid ones.
+_NEGATIVES = ("negative", "Negative", " NEGATIVE ", "neg")
+_POSITIVES = ("positive", "Positive", " POSITIVE ", "pos")
 _SPELLING_WEIGHTS = (0.85, 0.05, 0.05, 0.05)
 _INVALID_RESULTS = ("maybe", "", "unknown", "inconclusive", "N/A", "posneg")
 _EMPTY_COUNTRIES = {"parquet": ("", " ", "   ", "\t"), "csv": (" ", "   ", "\t")}
@@ -316,7 +308,7 @@ def _faker_pool(locale: str, seed: int) -> tuple[tuple[str, ...], tuple[str, ...
 
 @dataclass(frozen=True)
 class _Pool:
-    """Per-country string pools, concatenated: country ``c`` owns ``values[start[c]:][:count[c]]``."""
+    """Per-country string pools end to end: country ``c`` owns ``count[c]`` from ``start[c]``."""
 
     values: pa.Array
     start: IntArray
@@ -456,8 +448,8 @@ class _World:
         tested = np.where(kinds == 3, garbage, np.arange(n))
 
         spelling = rng.choice(len(_SPELLING_WEIGHTS), size=n, p=_SPELLING_WEIGHTS)
-        result = np.where(rows.positive, len(_SPELLING_WEIGHTS), 0) + spelling
-        invalid = len(_SPELLINGS) + rng.integers(0, len(_INVALID_RESULTS), n)
+        result = np.where(rows.positive, len(_NEGATIVES), 0) + spelling
+        invalid = len(_NEGATIVES) + len(_POSITIVES) + rng.integers(0, len(_INVALID_RESULTS), n)
         result = np.where(kinds == 5, invalid, result)
 
         columns = [
@@ -466,7 +458,7 @@ class _World:
             country_text.take(pa.array(country, mask=kinds == 0)),
             _iso_dates(rows.birth_day),
             tested_text.take(pa.array(tested, mask=kinds == 2)),
-            pa.array(_SPELLINGS + _INVALID_RESULTS).take(result),
+            pa.array(_NEGATIVES + _POSITIVES + _INVALID_RESULTS).take(result),
         ]
         return pa.Table.from_arrays(columns, schema=_TEXT_SCHEMA)
 

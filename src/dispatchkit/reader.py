@@ -173,7 +173,7 @@ class InputReader:
                 f"WHEN {cond} THEN '{code}'"
                 for code, cond in (
                     ("country_missing", "country IS NULL"),
-                    ("country_empty", "trim(country) = ''"),
+                    ("country_empty", "country_t = ''"),
                     ("test_datetime_missing", "test_datetime IS NULL"),
                     ("test_datetime_unparseable", "ts IS NULL"),
                     ("test_datetime_out_of_range", f"ts < {start} OR ts >= {end}"),
@@ -187,7 +187,7 @@ class InputReader:
             f"""
             CREATE VIEW normalized AS
               SELECT row, file, country, test_datetime, result,
-                     trim(country) AS country_t, {ts} AS ts, {res} AS res
+                     {_strip("country")} AS country_t, {ts} AS ts, {res} AS res
               FROM source;
             CREATE VIEW checked AS SELECT *, {reason} AS reason FROM normalized;
             """
@@ -261,7 +261,7 @@ class InputReader:
             )
         rt = types["result"].upper()
         if rt == "VARCHAR":
-            res = "lower(trim(result))"
+            res = f"lower({_strip('result')})"
         elif rt == "BOOLEAN":
             res = "CASE WHEN result THEN 'positive' ELSE 'negative' END"
         else:
@@ -357,6 +357,11 @@ class InputReader:
 _STAGE_SCHEMA = pa.schema(
     [("row", pa.int64()), ("file", pa.string())] + [(c, pa.string()) for c in REQUIRED_COLUMNS]
 )
+
+
+def _strip(column: str) -> str:
+    """SQL trimming spaces, tabs and line breaks (DuckDB's one-argument trim takes spaces only)."""
+    return f"trim({column}, chr(32) || chr(9) || chr(10) || chr(13) || chr(11) || chr(12))"
 
 
 def _require_columns(path: Path, names: list[str]) -> None:

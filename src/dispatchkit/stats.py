@@ -30,7 +30,10 @@ def wilson_interval(positives: int, tests: int, z: float = Z95) -> tuple[float, 
     denom = 1.0 + z2 / tests
     centre = (p + z2 / (2.0 * tests)) / denom
     half = (z / denom) * math.sqrt(p * (1.0 - p) / tests + z2 / (4.0 * tests * tests))
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # At 0 or n positives a bound is exactly 0 or 1; rounding must not move it inside.
+    low = 0.0 if positives == 0 else max(0.0, centre - half)
+    high = 1.0 if positives == tests else min(1.0, centre + half)
+    return (low, high)
 
 
 def wilson_arrays(
@@ -47,6 +50,8 @@ def wilson_arrays(
         half = (z / denom) * np.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
         low = np.clip(centre - half, 0.0, 1.0)
         high = np.clip(centre + half, 0.0, 1.0)
+    low[k == 0] = 0.0
+    high[k == n] = 1.0
     low[n == 0] = np.nan
     high[n == 0] = np.nan
     return low, high
