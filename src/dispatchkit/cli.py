@@ -349,6 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
         logging.getLogger().setLevel(max(level, logging.ERROR))
+    # librdkafka reports (and recovers from) transient errors; show them only with -v.
+    logging.getLogger("dispatchkit.librdkafka").setLevel(
+        logging.CRITICAL if args.verbose == 0 else logging.WARNING if args.verbose == 1 else logging.DEBUG
+    )
     bars = Bars(enabled=False if args.quiet else None)
     try:
         with bars:

@@ -103,10 +103,12 @@ class Dispatcher:
         self,
         skip: Container[tuple[str, int]] = frozenset(),
         on_rows: Callable[[int], None] | None = None,
+        skip_parts: Container[tuple[str, int, int]] = frozenset(),
     ) -> Iterator[JobBatch]:
         """Yield job batches in (country, hour) order, leaving out keys in ``skip``.
 
-        ``skip`` holds ``(country, date_hour)`` of jobs already complete (a resume).
+        ``skip`` holds ``(country, date_hour)`` of jobs already complete (a resume);
+        ``skip_parts`` holds ``(country, date_hour, part)`` of parts already published.
         ``on_rows`` is called with the number of rows cut from each record batch.
         """
         pending: list[Job] = []
@@ -139,6 +141,9 @@ class Dispatcher:
             self.stats.jobs_sent += 1
             self.stats.rows_sent += n
             for job in self._parts(country, date_hour, outcomes):
+                if (country, date_hour, job.part) in skip_parts:
+                    self.stats.parts_sent -= 1
+                    continue
                 size = len(job.outcomes) + _JOB_OVERHEAD
                 day = cid * 1_000_000 + hour // 24
                 if (

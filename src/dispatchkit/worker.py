@@ -175,7 +175,7 @@ def run(
 
 def _handle_one(source: JobSource, worker: Worker, delivery: Delivery, stats: WorkerStats) -> None:
     try:
-        handled = worker.handle(delivery.payload)
+        handled = source.process(lambda: worker.handle(delivery.payload), delivery)
     except DecodeError as exc:
         log.error("poison message %s: %s", delivery.token, exc)
         source.reject(delivery, Rejection("DecodeError", str(exc)[:500], 1, time.time()))

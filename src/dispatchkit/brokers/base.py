@@ -17,9 +17,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from dispatchkit.message import JobBatch, Manifest, ResultBatch
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -90,6 +93,10 @@ class JobSource(ABC):
     @abstractmethod
     def reject(self, delivery: Delivery, rejection: Rejection) -> None:
         """Move the delivery to the dead letters and consume it, together."""
+
+    def process(self, fn: Callable[[], T], delivery: Delivery) -> T:
+        """Run the task for ``delivery``; a transport may run it off its poll loop."""
+        return fn()
 
     def drained(self) -> bool:
         """True when nothing is left to consume (for ``--burst``)."""

@@ -1,0 +1,354 @@
+"""The Kafka broker: topics, the dispatcher's producer and the collector's consumer.
+
+Topics (``<prefix>`` is ``--topic-prefix``, default ``dispatchkit``):
+
+``<prefix>.jobs``       job batches, keyed ``country|YYYY-MM-DD`` so one job key always
+                        lands in one partition; ``--partitions`` partitions (default 12).
+``<prefix>.results``    result batches, written by workers inside transactions.
+``<prefix>.manifests``  one compacted record per run (key = run id): totals and status.
+``<prefix>.dlq``        dead letters: original key and value, failure in the headers.
+
+Topics are created with the AdminClient and waited for; nothing relies on the broker's
+auto-creation. The producer is idempotent (``acks=all``), batches and compresses; every
+delivery report is checked and a failed one fails the dispatch. The collector reads with
+``isolation.level=read_committed``, so records of aborted worker transactions are never
+seen, and commits its offsets only after the store has flushed.
+
+Clients are created lazily: constructing a :class:`KafkaBroker` touches no network.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from dispatchkit.brokers.base import Broker
+from dispatchkit.config import KafkaSettings
+from dispatchkit.dispatcher import batch_key
+from dispatchkit.errors import BrokerError, DecodeError, DeliveryError
+from dispatchkit.message import JobBatch, Manifest, ResultBatch, decode, encode
+
+log = logging.getLogger(__name__)
+
+#: Header names of every dispatchkit record (values are UTF-8 text).
+H_KIND, H_VERSION, H_RUN, H_BATCH = "dk-kind", "dk-v", "dk-run", "dk-batch"
+
+PRODUCER_DEFAULTS: dict[str, object] = {
+    "enable.idempotence": True,
+    "acks": "all",
+    "linger.ms": 20,
+    "batch.size": 1_000_000,
+    "compression.type": "lz4",
+    "message.max.bytes": 1_000_000,
+    "queue.buffering.max.kbytes": 262_144,
+}
+
+
+def headers_of(msg: Any) -> dict[str, str]:
+    """A record's headers as a dict of text (undecodable values become ``''``)."""
+    out: dict[str, str] = {}
+    for key, value in msg.headers() or []:
+        try:
+            out[key] = value.decode() if isinstance(value, bytes) else str(value or "")
+        except UnicodeDecodeError:
+            out[key] = ""
+    return out
+
+
+def wrap_kafka_error(exc: KafkaException, what: str, redact: Callable[[str], str]) -> BrokerError:
+    err = exc.args[0] if exc.args else None
+    text = err.str() if isinstance(err, KafkaError) else str(exc)
+    return BrokerError(redact(f"{what}: {text}"))
+
+
+def ensure_topics(settings: KafkaSettings, timeout: float = 30.0) -> None:
+    """Create the four topics if missing and wait until their leaders are known."""
+    admin = AdminClient(settings.client_config())
+    rf = settings.replication_factor
+    wanted = {
+        settings.jobs_topic: NewTopic(settings.jobs_topic, settings.partitions, rf),
+        settings.results_topic: NewTopic(settings.results_topic, settings.partitions, rf),
+        settings.manifests_topic: NewTopic(
+            settings.manifests_topic, 1, rf, config={"cleanup.policy": "compact"}
+        ),
+        settings.dlq_topic: NewTopic(settings.dlq_topic, 1, rf),
+    }
+    deadline = time.monotonic() + timeout
+    try:
+        existing = admin.list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        raise wrap_kafka_error(exc, "cannot reach Kafka", settings.redact) from None
+    missing = [t for name, t in wanted.items() if name not in existing]
+    if missing:
+        for name, fut in admin.create_topics(missing, operation_timeout=timeout).items():
+            try:
+                fut.result(timeout)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise wrap_kafka_error(exc, f"cannot create topic {name}", settings.redact)
+    while True:
+        md = admin.list_topics(timeout=max(1.0, deadline - time.monotonic())).topics
+        ready = all(
+            name in md
+            and md[name].error is None
+            and md[name].partitions
+            and all(p.leader >= 0 for p in md[name].partitions.values())
+            for name in wanted
+        )
+        if ready:
+            return
+        if time.monotonic() > deadline:
+            raise BrokerError(f"topics {sorted(wanted)} did not become ready in {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+class KafkaBroker(Broker):
+    """The dispatcher's and the collector's side of Kafka."""
+
+    def __init__(self, settings: KafkaSettings, *, collector_group: str | None = None) -> None:
+        self.settings = settings
+        self.collector_group = collector_group
+        self._producer: Producer | None = None
+        self._consumer: Consumer | None = None
+        self._failures: list[str] = []
+        self.delivered = 0
+        self.run_id: str | None = None
+
+    # -- producing ---------------------------------------------------------------------
+
+    @property
+    def producer(self) -> Producer:
+        if self._producer is None:
+            ensure_topics(self.settings)
+            self._producer = Producer(
+                self.settings.client_config(**PRODUCER_DEFAULTS, **self._producer_overrides())
+            )
+        return self._producer
+
+    def _producer_overrides(self) -> dict[str, object]:
+        # Options given by the user for producers win over the defaults.
+        keys = set(PRODUCER_DEFAULTS) & set(self.settings.options)
+        return {k: self.settings.client_config()[k] for k in keys}
+
+    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._failures.append(
+                f"{msg.topic()}[{msg.partition()}] key {msg.key()!r}: {err.str()}"
+            )
+        else:
+            self.delivered += 1
+
+    def _produce(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        while True:
+            try:
+                self.producer.produce(
+                    topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery
+                )
+                break
+            except BufferError:
+                # The local queue is full: serve delivery reports until there is room.
+                self.producer.poll(0.1)
+            except KafkaException as exc:
+                raise wrap_kafka_error(exc, f"cannot produce to {topic}", self.settings.redact)
+        self.producer.poll(0)
+        if self._failures:
+            raise DeliveryError(self.settings.redact(f"delivery failed: {self._failures[0]}"))
+
+    def open_run(self, manifest: Manifest) -> None:
+        self.run_id = manifest.run_id
+        self._publish_manifest(manifest)
+
+    def publish(self, batch: JobBatch) -> None:
+        self._produce(
+            self.settings.jobs_topic,
+            batch_key(batch),
+            encode(batch),
+            [
+                (H_KIND, b"jobs"),
+                (H_VERSION, b"1"),
+                (H_RUN, batch.run_id.encode()),
+                (H_BATCH, batch.batch_id.encode()),
+            ],
+        )
+
+    def close_run(self, manifest: Manifest) -> None:
+        self.flush()
+        self._publish_manifest(manifest)
+
+    def _publish_manifest(self, manifest: Manifest) -> None:
+        self._produce(
+            self.settings.manifests_topic,
+            manifest.run_id.encode(),
+            encode(manifest),
+            [(H_KIND, b"manifest"), (H_VERSION, b"1"), (H_RUN, manifest.run_id.encode())],
+        )
+        self.flush()
+
+    def flush(self, timeout: float = 120.0) -> None:
+        """Wait for every delivery report; raise if any failed or any is still queued."""
+        if self._producer is None:
+            return
+        left = self._producer.flush(timeout)
+        if self._failures:
+            raise DeliveryError(
+                self.settings.redact(
+                    f"{len(self._failures)} message(s) not delivered; first: {self._failures[0]}"
+                )
+            )
+        if left:
+            raise DeliveryError(f"{left} message(s) still queued after {timeout:.0f} s")
+
+    # -- collecting --------------------------------------------------------------------
+
+    @property
+    def consumer(self) -> Consumer:
+        if self._consumer is None:
+            if self.collector_group is None:
+                raise BrokerError("this broker was not opened for collecting")
+            ensure_topics(self.settings)
+            self._consumer = Consumer(
+                self.settings.client_config(
+                    **{
+                        "group.id": self.collector_group,
+                        "enable.auto.commit": False,
+                        "auto.offset.reset": "earliest",
+                        "isolation.level": "read_committed",
+                        "enable.partition.eof": False,
+                    }
+                )
+            )
+            self._consumer.subscribe([self.settings.results_topic])
+        return self._consumer
+
+    def results(self, timeout: float) -> list[ResultBatch]:
+        out: list[ResultBatch] = []
+        for msg in self.consumer.consume(num_messages=1000, timeout=timeout):
+            if msg.error():
+                if msg.error().fatal():
+                    raise wrap_kafka_error(KafkaException(msg.error()), "collector", self.settings.redact)
+                log.warning("collector: %s", msg.error().str())
+                continue
+            headers = headers_of(msg)
+            if self.run_id is not None and headers.get(H_RUN) != self.run_id:
+                continue
+            try:
+                rb = decode(msg.value(), ResultBatch)
+            except DecodeError as exc:
+                log.error(
+                    "skipping undecodable result %s[%d]@%d: %s",
+                    msg.topic(), msg.partition(), msg.offset(), exc,
+                )
+                continue
+            if self.run_id is None or rb.run_id == self.run_id:
+                out.append(rb)
+        return out
+
+    def commit_results(self) -> None:
+        if self._consumer is None:
+            return
+        try:
+            self._consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                raise wrap_kafka_error(exc, "cannot commit collector offsets", self.settings.redact)
+
+    # -- reading whole topics ----------------------------------------------------------
+
+    def read_manifest(self, run_id: str, timeout: float = 10.0) -> Manifest | None:
+        """The latest manifest of a run, or ``None``."""
+        latest: Manifest | None = None
+        for msg in scan(self.settings, self.settings.manifests_topic, timeout=timeout):
+            if msg.key() == run_id.encode():
+                try:
+                    latest = decode(msg.value(), Manifest)
+                except DecodeError:
+                    continue
+        return latest
+
+    def published_parts(self, run_id: str) -> set[tuple[str, int, int]]:
+        """``(country, date_hour, part)`` of every job part of a run already in the jobs topic."""
+        seen: set[tuple[str, int, int]] = set()
+        for msg in scan(self.settings, self.settings.jobs_topic):
+            if headers_of(msg).get(H_RUN) != run_id:
+                continue
+            try:
+                batch = decode(msg.value(), JobBatch)
+            except DecodeError:
+                continue
+            seen.update((j.country, j.date_hour, j.part) for j in batch.jobs)
+        return seen
+
+    def close(self) -> None:
+        try:
+            if self._producer is not None:
+                self._producer.flush(30)
+        finally:
+            if self._consumer is not None:
+                self._consumer.close()
+            self._producer = self._consumer = None
+
+
+def scan(
+    settings: KafkaSettings,
+    topic: str,
+    *,
+    timeout: float = 30.0,
+    committed_only: bool = True,
+) -> Iterable[Any]:
+    """Every record of a topic, from the beginning to the current end, without a group."""
+    consumer = Consumer(
+        settings.client_config(
+            **{
+                "group.id": "dispatchkit-scan",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed" if committed_only else "read_uncommitted",
+                "enable.partition.eof": False,
+            }
+        )
+    )
+    try:
+        md = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        if md is None or md.error is not None:
+            return
+        ends: dict[int, int] = {}
+        assignment = []
+        for p in md.partitions:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, p), timeout=timeout, cached=False
+            )
+            if high > low:
+                ends[p] = high
+                assignment.append(TopicPartition(topic, p, OFFSET_BEGINNING))
+        if not assignment:
+            return
+        consumer.assign(assignment)
+        deadline = time.monotonic() + timeout
+        while ends and time.monotonic() < deadline:
+            for msg in consumer.consume(num_messages=1000, timeout=0.5):
+                if msg.error():
+                    continue
+                yield msg
+                p = msg.partition()
+                if p in ends and msg.offset() + 1 >= ends[p]:
+                    del ends[p]
+            # Transaction markers take offsets too: the position tells when we are past them.
+            for p in list(ends):
+                pos = consumer.position([TopicPartition(topic, p)])[0].offset
+                if pos >= ends[p]:
+                    del ends[p]
+        if ends:
+            raise BrokerError(f"could not read {topic} to its end within {timeout:.0f} s")
+    finally:
+        consumer.close()

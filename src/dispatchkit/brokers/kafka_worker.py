@@ -1,0 +1,397 @@
+"""A worker's side of Kafka: a consumer-group member with transactional results.
+
+Each delivery's result is produced inside a Kafka transaction together with the
+consumer's input offsets (``send_offsets_to_transaction``), so a job batch is either
+consumed *and* its result visible to ``read_committed`` readers, or neither — a crash
+anywhere before the commit leaves the batch to be redone and its result invisible.
+Many deliveries share one transaction (up to ``txn_max_batches`` or ``txn_max_seconds``);
+the guarantee does not depend on how many.
+
+Error classes (librdkafka): a *retriable* commit is retried; an *abortable* one aborts
+the transaction and rewinds the consumer to its committed offsets, so the batches are
+redone; a *fatal* one (e.g. fenced by a newer instance of the same ``transactional.id``)
+raises :class:`~dispatchkit.errors.FatalBrokerError` and the process exits non-zero for
+its supervisor to restart it.
+
+Long jobs: the task runs on a helper thread; while it runs, the assigned partitions are
+paused and the consumer keeps polling, so ``max.poll.interval.ms`` is never exceeded and
+the member stays in its group. If a rebalance takes the partition away meanwhile, the
+finished result is dropped (the new owner redoes the batch) instead of committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from dispatchkit import faults
+from dispatchkit.brokers.base import Delivery, JobSource, Rejection
+from dispatchkit.brokers.kafka import (
+    H_BATCH,
+    H_KIND,
+    H_RUN,
+    H_VERSION,
+    PRODUCER_DEFAULTS,
+    ensure_topics,
+    headers_of,
+)
+from dispatchkit.config import KafkaSettings
+from dispatchkit.errors import BrokerError, FatalBrokerError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Seconds a task may run inline before the partitions are paused and polling goes on.
+INLINE_SECONDS = 0.5
+
+
+def default_worker_id() -> str:
+    import os
+
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class KafkaJobSource(JobSource):
+    """Consumes job batches in a group; acks by producing results in a transaction."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        group: str,
+        worker_id: str,
+        group_protocol: str = "classic",
+        txn_max_batches: int = 200,
+        txn_max_seconds: float = 0.5,
+        session_timeout_ms: int = 10_000,
+        max_poll_interval_ms: int = 300_000,
+    ) -> None:
+        self.settings = settings
+        self.group = group
+        self.worker_id = worker_id
+        self.group_protocol = group_protocol
+        self.txn_max_batches = txn_max_batches
+        self.txn_max_seconds = txn_max_seconds
+        self.session_timeout_ms = session_timeout_ms
+        self.max_poll_interval_ms = max_poll_interval_ms
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._buffer: deque[Any] = deque()
+        self._offsets: dict[tuple[str, int], int] = {}
+        self._in_txn = False
+        self._txn_batches = 0
+        self._txn_started = 0.0
+        self._assigned: set[tuple[str, int]] = set()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dispatchkit-task")
+        self.committed_batches = 0
+        self.aborts = 0
+        self.dropped = 0
+
+    # -- clients -----------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._consumer is not None:
+            return
+        ensure_topics(self.settings)
+        conf: dict[str, object] = {
+            "group.id": self.group,
+            "client.id": self.worker_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "max.poll.interval.ms": self.max_poll_interval_ms,
+        }
+        if self.group_protocol == "consumer":
+            conf["group.protocol"] = "consumer"
+        else:
+            conf["partition.assignment.strategy"] = "cooperative-sticky"
+            conf["session.timeout.ms"] = self.session_timeout_ms
+            conf["heartbeat.interval.ms"] = max(250, self.session_timeout_ms // 5)
+        self._consumer = Consumer(self.settings.client_config(**conf))
+        self._producer = Producer(
+            self.settings.client_config(
+                **{
+                    **PRODUCER_DEFAULTS,
+                    "transactional.id": f"{self.settings.topic_prefix}.worker.{self.worker_id}",
+                    "transaction.timeout.ms": 60_000,
+                    "linger.ms": 5,
+                }
+            )
+        )
+        self._call(lambda p: p.init_transactions(30))
+        self._consumer.subscribe(
+            [self.settings.jobs_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+
+    @property
+    def consumer(self) -> Consumer:
+        self._start()
+        assert self._consumer is not None
+        return self._consumer
+
+    @property
+    def producer(self) -> Producer:
+        self._start()
+        assert self._producer is not None
+        return self._producer
+
+    def _call(self, fn: Any) -> Any:
+        try:
+            return fn(self._producer)
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.fatal():
+                raise FatalBrokerError(self.settings.redact(f"producer: {err.str()}")) from None
+            raise
+
+    # -- rebalances --------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned |= {(p.topic, p.partition) for p in partitions}
+        log.info("%s assigned %s", self.worker_id, _names(partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Commit what is done while these partitions are still ours; drop the rest.
+        if self._in_txn:
+            self._commit()
+        self._forget(partitions)
+        log.info("%s revoked %s", self.worker_id, _names(partitions))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Too late to commit: another member may already own them. Abort and forget.
+        if self._in_txn:
+            self._abort(rewind=False)
+        self._forget(partitions)
+        log.warning("%s lost %s", self.worker_id, _names(partitions))
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        gone = {(p.topic, p.partition) for p in partitions}
+        self._assigned -= gone
+        self._buffer = deque(m for m in self._buffer if (m.topic(), m.partition()) not in gone)
+        for key in gone:
+            self._offsets.pop(key, None)
+
+    # -- JobSource ---------------------------------------------------------------------
+
+    def consume(self, timeout: float) -> Delivery | None:
+        if not self._buffer:
+            if self._in_txn and self._txn_due():
+                self._commit()
+            for msg in self.consumer.consume(num_messages=200, timeout=timeout):
+                err = msg.error()
+                if err is None:
+                    self._buffer.append(msg)
+                elif err.fatal():
+                    raise FatalBrokerError(self.settings.redact(f"consumer: {err.str()}"))
+                else:
+                    log.warning("%s consumer: %s", self.worker_id, err.str())
+        if not self._buffer:
+            return None
+        msg = self._buffer.popleft()
+        return Delivery(
+            payload=msg.value() or b"",
+            key=msg.key(),
+            token=(msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1]),
+            headers=headers_of(msg),
+        )
+
+    def process(self, fn: Callable[[], T], delivery: Delivery) -> T:
+        """Run ``fn()`` off the poll loop; keep the group membership alive meanwhile."""
+        future = self._pool.submit(fn)
+        try:
+            return future.result(timeout=INLINE_SECONDS)
+        except TimeoutError:
+            pass
+        consumer = self.consumer
+        paused = consumer.assignment()
+        consumer.pause(paused)
+        log.info("%s: long job at %s; polling while it runs", self.worker_id, delivery.token)
+        try:
+            while not future.done():
+                # Paused partitions deliver nothing; poll serves heartbeats and rebalances.
+                for msg in consumer.consume(num_messages=1, timeout=0.2):
+                    if msg.error() is None:
+                        self._buffer.append(msg)
+        finally:
+            still = [p for p in paused if (p.topic, p.partition) in self._assigned]
+            if still:
+                consumer.resume(still)
+        return future.result()
+
+    def ack(
+        self,
+        delivery: Delivery,
+        result: bytes | None,
+        failed: tuple[bytes, Rejection] | None = None,
+    ) -> None:
+        topic, partition, offset, _ = delivery.token
+        if (topic, partition) not in self._assigned:
+            # Revoked while the task ran: the new owner redoes it from the committed offset.
+            self.dropped += 1
+            return
+        self._begin()
+        run = delivery.headers.get(H_RUN, "").encode()
+        if result is not None:
+            self._produce(
+                self.settings.results_topic,
+                delivery.key,
+                result,
+                [(H_KIND, b"results"), (H_VERSION, b"1"), (H_RUN, run),
+                 (H_BATCH, delivery.headers.get(H_BATCH, "").encode())],
+            )
+        if failed is not None:
+            payload, rejection = failed
+            self._produce(
+                self.settings.dlq_topic, delivery.key, payload, self._dlq_headers(delivery, rejection)
+            )
+        self._offsets[(topic, partition)] = offset + 1
+        self._txn_batches += 1
+        faults.crash_point("worker.after_produce")
+        if self._txn_due():
+            self._commit()
+
+    def reject(self, delivery: Delivery, rejection: Rejection) -> None:
+        self.ack(delivery, None, (delivery.payload, rejection))
+
+    def checkpoint(self) -> None:
+        if self._in_txn:
+            self._commit()
+
+    def drained(self) -> bool:
+        """True when every assigned partition's committed position is at its end."""
+        if self._buffer or self._in_txn:
+            return False
+        consumer = self.consumer
+        assignment = consumer.assignment()
+        if not assignment:
+            return False
+        for tp in consumer.position(assignment):
+            low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            if tp.offset < 0 and high > low:
+                return False
+            if 0 <= tp.offset < high:
+                return False
+        return True
+
+    def close(self) -> None:
+        try:
+            if self._in_txn:
+                self._commit()
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            if self._consumer is not None:
+                self._consumer.close()
+            if self._producer is not None:
+                self._producer.flush(10)
+            self._consumer = self._producer = None
+
+    # -- transactions ------------------------------------------------------------------
+
+    def _dlq_headers(self, delivery: Delivery, rejection: Rejection) -> list[tuple[str, bytes]]:
+        topic, partition, offset, timestamp = delivery.token
+        fields = {
+            "dk-original-topic": topic,
+            "dk-original-partition": partition,
+            "dk-original-offset": offset,
+            "dk-original-timestamp": timestamp,
+            "dk-group": self.group,
+            "dk-worker": self.worker_id,
+            "dk-error-class": rejection.error_class,
+            "dk-error": rejection.error,
+            "dk-attempts": rejection.attempts,
+            "dk-first-failure": f"{rejection.first_failure:.3f}",
+            H_KIND: "dead-letter",
+            H_RUN: delivery.headers.get(H_RUN, ""),
+        }
+        return [(k, str(v).encode()) for k, v in fields.items()]
+
+    def _begin(self) -> None:
+        if not self._in_txn:
+            self._call(lambda p: p.begin_transaction())
+            self._in_txn = True
+            self._txn_batches = 0
+            self._txn_started = time.monotonic()
+
+    def _txn_due(self) -> bool:
+        return self._txn_batches >= self.txn_max_batches or (
+            time.monotonic() - self._txn_started >= self.txn_max_seconds
+        )
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, headers=headers)
+                return
+            except BufferError:
+                self.producer.poll(0.1)
+
+    def _commit(self) -> None:
+        """Send offsets and commit; retry what is retriable, abort what must be."""
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()]
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if offsets:
+                    self._call(
+                        lambda p: p.send_offsets_to_transaction(
+                            offsets, self.consumer.consumer_group_metadata(), 30
+                        )
+                    )
+                self._call(lambda p: p.commit_transaction(30))
+                self.committed_batches += self._txn_batches
+                break
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                if err.retriable() and time.monotonic() < deadline:
+                    log.warning("%s: commit failed (%s); retrying", self.worker_id, err.str())
+                    time.sleep(0.5)
+                    continue
+                if err.txn_requires_abort() or err.retriable():
+                    log.warning("%s: aborting transaction (%s)", self.worker_id, err.str())
+                    self._abort(rewind=True)
+                    return
+                raise BrokerError(self.settings.redact(f"commit failed: {err.str()}")) from None
+        self._in_txn = False
+        self._offsets.clear()
+        self._txn_batches = 0
+
+    def _abort(self, *, rewind: bool) -> None:
+        self.aborts += 1
+        try:
+            self._call(lambda p: p.abort_transaction(30))
+        except KafkaException as exc:
+            log.warning("%s: abort failed: %s", self.worker_id, exc.args[0].str())
+        self._in_txn = False
+        self._offsets.clear()
+        self._txn_batches = 0
+        self._buffer.clear()
+        if rewind:
+            self._rewind()
+
+    def _rewind(self) -> None:
+        """Seek every assigned partition back to its committed offset (redo uncommitted work)."""
+        consumer = self.consumer
+        assignment = consumer.assignment()
+        if not assignment:
+            return
+        for tp in consumer.committed(assignment, timeout=30):
+            if tp.offset >= 0:
+                consumer.seek(tp)
+            else:
+                consumer.seek(TopicPartition(tp.topic, tp.partition, -2))  # beginning
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing"

@@ -1,0 +1,123 @@
+"""Dead letters on Kafka: list them, and replay the jobs among them.
+
+A dead letter keeps the original record's key and value; its headers say where it came
+from and why it failed (docs/wire-format.md). Replaying publishes the dead-lettered jobs
+of a run again — as fresh job batches on the jobs topic — unless their results are
+stored already; workers then treat them like any other job, and the collector completes
+the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dispatchkit.brokers.kafka import H_RUN, KafkaBroker, headers_of, scan
+from dispatchkit.config import KafkaSettings
+from dispatchkit.dispatcher import iso_hour
+from dispatchkit.errors import DecodeError
+from dispatchkit.message import SCHEMA_VERSION, Job, JobBatch, ResultBatch, decode
+
+
+@dataclass
+class DeadLetterEntry:
+    offset: int
+    headers: dict[str, str]
+    jobs: list[Job] = field(default_factory=list)
+    payload_error: str = ""
+
+    @property
+    def keys(self) -> list[str]:
+        return [f"{j.country} {iso_hour(j.date_hour)}" for j in self.jobs]
+
+    def describe(self) -> str:
+        h = self.headers
+        what = ", ".join(self.keys[:5]) + (" …" if len(self.keys) > 5 else "")
+        if not self.jobs:
+            what = f"undecodable payload ({self.payload_error})"
+        return (
+            f"@{self.offset} run={h.get(H_RUN) or '?'} "
+            f"from={h.get('dk-original-topic')}[{h.get('dk-original-partition')}]"
+            f"@{h.get('dk-original-offset')} attempts={h.get('dk-attempts')} "
+            f"error={h.get('dk-error-class')}: {h.get('dk-error')} jobs: {what}"
+        )
+
+
+def list_dead(
+    settings: KafkaSettings, *, run_id: str | None = None, keys: list[str] | None = None
+) -> list[DeadLetterEntry]:
+    """Dead letters, optionally of one run and/or holding one of ``keys``."""
+    out = []
+    for msg in scan(settings, settings.dlq_topic):
+        headers = headers_of(msg)
+        if run_id is not None and headers.get(H_RUN) != run_id:
+            continue
+        entry = DeadLetterEntry(offset=msg.offset(), headers=headers)
+        try:
+            entry.jobs = decode(msg.value() or b"", JobBatch).jobs
+        except DecodeError as exc:
+            entry.payload_error = str(exc)[:120]
+        if keys:
+            entry.jobs = [j for j, k in zip(entry.jobs, entry.keys, strict=True) if k in keys]
+            if not entry.jobs:
+                continue
+        out.append(entry)
+    return out
+
+
+def replay(
+    settings: KafkaSettings, *, run_id: str | None = None, keys: list[str] | None = None
+) -> tuple[int, int]:
+    """Republish dead-lettered jobs not yet done; returns (replayed, skipped)."""
+    entries = list_dead(settings, run_id=run_id, keys=keys)
+    runs = {e.headers.get(H_RUN, "") for e in entries if e.jobs}
+    done = {r: _done_parts(settings, r) for r in runs}
+    broker = KafkaBroker(settings)
+    replayed = skipped = 0
+    sent: set[tuple[str, str, int]] = set()
+    try:
+        for e in entries:
+            run = e.headers.get(H_RUN, "")
+            task = _task_of(broker, run)
+            fresh = []
+            for job in e.jobs:
+                key = (run, job.job_id, job.part)
+                if (job.job_id, job.part) in done.get(run, set()) or key in sent:
+                    skipped += 1
+                    continue
+                sent.add(key)
+                fresh.append(job)
+            if not e.jobs:
+                skipped += 1
+            for job in fresh:
+                broker.publish(
+                    JobBatch(
+                        v=SCHEMA_VERSION,
+                        run_id=run,
+                        batch_id=f"{job.job_id}.{job.part}.replay",
+                        task=task,
+                        jobs=[job],
+                    )
+                )
+                replayed += 1
+        broker.flush()
+    finally:
+        broker.close()
+    return replayed, skipped
+
+
+def _task_of(broker: KafkaBroker, run_id: str) -> str:
+    manifest = broker.read_manifest(run_id)
+    return manifest.task if manifest is not None else "positive-rate"
+
+
+def _done_parts(settings: KafkaSettings, run_id: str) -> set[tuple[str, int]]:
+    out: set[tuple[str, int]] = set()
+    for msg in scan(settings, settings.results_topic):
+        if headers_of(msg).get(H_RUN) != run_id:
+            continue
+        try:
+            rb = decode(msg.value(), ResultBatch)
+        except DecodeError:
+            continue
+        out.update((r.job_id, r.part) for r in rb.results)
+    return out

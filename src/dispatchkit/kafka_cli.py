@@ -1,0 +1,187 @@
+"""The Kafka subcommands: dispatch, worker, collect, status, dlq (registered by cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from dispatchkit.config import kafka_settings_from_args
+from dispatchkit.errors import RET_OK, UsageError
+from dispatchkit.progress import Bars
+
+Add = Callable[..., argparse.ArgumentParser]
+Flags = Callable[..., None]
+
+
+def register(add: Add, kafka_flags: Flags) -> None:
+    from dispatchkit.cli import _date, _positive_int
+
+    d = add(
+        "dispatch",
+        "publish a run's manifest and jobs to Kafka",
+        "examples:\n  dispatchkit dispatch data/covid.parquet -b 127.0.0.1:9092 --run-id r1\n"
+        "  (rerun the same command after a crash: only what is missing is published)",
+        cmd_dispatch,
+    )
+    d.add_argument("input", help="Parquet/CSV file, directory or glob")
+    d.add_argument("--run-id", help="run id (default: derived from the input's content)")
+    d.add_argument("--out", default="out", help="where quarantine files are written")
+    d.add_argument("--task", default="positive-rate", help="positive-rate or beta-posterior")
+    d.add_argument("--start", type=_date, default=None, help="first valid test time (UTC)")
+    d.add_argument("--end", type=_date, default=None, help="end of valid test times (UTC)")
+    d.add_argument("--strict", action="store_true", help="fail on the first invalid row")
+    d.add_argument("--max-message-bytes", type=_positive_int, default=900_000,
+                   help="largest job batch message; bigger jobs are split into parts")
+    kafka_flags(d, required=True)
+
+    w = add(
+        "worker",
+        "be a worker: consume jobs, run tasks, produce results (a consumer-group member)",
+        "examples:\n  dispatchkit worker -b 127.0.0.1:9092          # runs until SIGTERM\n"
+        "  dispatchkit worker -b 127.0.0.1:9092 --burst  # drain what is there, exit",
+        cmd_worker,
+    )
+    w.add_argument("--group", help="consumer group (default: <prefix>.workers)")
+    w.add_argument("--worker-id", help="stable id of this worker slot; its transactional.id "
+                   "fences an older instance of the same slot (default: host-pid)")
+    w.add_argument("--burst", action="store_true", help="exit once the jobs topic is drained")
+    w.add_argument("--attempts", type=_positive_int, default=3,
+                   help="tries per failing job before it is dead-lettered")
+    w.add_argument("--group-protocol", choices=["classic", "consumer"], default="classic",
+                   help="classic (cooperative-sticky) or consumer (KIP-848)")
+    w.add_argument("--session-timeout-ms", type=_positive_int, default=10_000,
+                   help="classic protocol session timeout")
+    w.add_argument("--max-poll-interval-ms", type=_positive_int, default=300_000,
+                   help="librdkafka max.poll.interval.ms (long jobs poll while they run)")
+    kafka_flags(w, required=True)
+
+    c = add(
+        "collect",
+        "store a run's results until every job is done; write results and report",
+        "examples:\n  dispatchkit collect -b 127.0.0.1:9092 --run-id r1 --out out/",
+        cmd_collect,
+    )
+    c.add_argument("--run-id", required=True, help="the run to collect")
+    c.add_argument("--out", default="out", help="output directory")
+    c.add_argument("--timeout", type=float, help="give up after this many seconds without progress")
+    c.add_argument("--no-report", action="store_true", help="skip report.png")
+    kafka_flags(c, required=True)
+
+    s = add(
+        "status",
+        "show a run's progress: jobs total/done, dead letters, lag per partition, throughput",
+        "examples:\n  dispatchkit status -b 127.0.0.1:9092 --run-id r1",
+        cmd_status,
+    )
+    s.add_argument("--run-id", required=True, help="the run to show")
+    kafka_flags(s, required=True)
+
+    q = add(
+        "dlq",
+        "list or replay dead-lettered jobs",
+        "examples:\n  dispatchkit dlq list -b 127.0.0.1:9092 --run-id r1\n"
+        "  dispatchkit dlq replay -b 127.0.0.1:9092 --run-id r1 --key 'Italy 2020-04-01T12:00:00Z'",
+        cmd_dlq,
+    )
+    q.add_argument("action", choices=["list", "replay"], help="what to do")
+    q.add_argument("--run-id", help="only this run")
+    q.add_argument("--key", action="append", default=[],
+                   help="only this job key 'COUNTRY YYYY-MM-DDTHH:00:00Z' (repeatable)")
+    kafka_flags(q, required=True)
+
+
+def cmd_dispatch(args: argparse.Namespace, bars: Bars) -> int:
+    from dispatchkit.kafka_run import dispatch
+    from dispatchkit.runner import RunSpec
+    from dispatchkit.schema import DEFAULT_END, DEFAULT_START
+
+    settings = kafka_settings_from_args(args)
+    spec = RunSpec(
+        input=args.input,
+        out=Path(args.out),
+        run_id=args.run_id,
+        task=args.task,
+        start=args.start or DEFAULT_START,
+        end=args.end or DEFAULT_END,
+        strict=args.strict,
+        max_message_bytes=args.max_message_bytes,
+    )
+    summary = dispatch(spec, settings, bars)
+    bars.__exit__(None, None, None)
+    if not args.quiet:
+        print(
+            f"run {summary.run_id}: dispatched {summary.jobs:,} jobs "
+            f"({summary.jobs_sent:,} published now, {summary.jobs_skipped:,} already there) "
+            f"from {summary.rows_valid:,} valid rows; {summary.rows_quarantined:,} quarantined"
+        )
+    return RET_OK
+
+
+def cmd_worker(args: argparse.Namespace, bars: Bars) -> int:
+    from dispatchkit.kafka_run import WorkerOptions, work
+    from dispatchkit.worker import RetryPolicy
+
+    settings = kafka_settings_from_args(args)
+    stats = work(
+        settings,
+        WorkerOptions(
+            group=args.group,
+            worker_id=args.worker_id,
+            burst=args.burst,
+            group_protocol=args.group_protocol,
+            retry=RetryPolicy(attempts=args.attempts),
+            session_timeout_ms=args.session_timeout_ms,
+            max_poll_interval_ms=args.max_poll_interval_ms,
+        ),
+    )
+    if not args.quiet:
+        print(f"worker done: {stats.batches:,} batches, {stats.jobs:,} jobs, "
+              f"{stats.rejected + stats.dead_jobs:,} dead-lettered")
+    return RET_OK
+
+
+def cmd_collect(args: argparse.Namespace, bars: Bars) -> int:
+    from dispatchkit.cli import _print_summary
+    from dispatchkit.kafka_run import collect
+
+    settings = kafka_settings_from_args(args)
+    summary = collect(
+        settings, args.run_id, Path(args.out), bars=bars, report=not args.no_report,
+        timeout=args.timeout,
+    )
+    bars.__exit__(None, None, None)
+    _print_summary(args, summary)
+    return RET_OK if summary.status == "complete" else 1
+
+
+def cmd_status(args: argparse.Namespace, bars: Bars) -> int:
+    from dispatchkit.kafka_run import status
+
+    settings = kafka_settings_from_args(args)
+    st = status(settings, args.run_id)
+    m = st.manifest
+    if m is None:
+        raise UsageError(f"run {args.run_id!r} has no manifest on {settings.manifests_topic}")
+    print(f"run {st.run_id}: {m.status}, task {m.task}")
+    print(f"  jobs    {st.jobs_done:,} done of {m.total_jobs:,}; {st.jobs_dead:,} dead-lettered")
+    print(f"  rows    {m.rows_read:,} read, {m.rows_dispatched:,} dispatched, "
+          f"{m.rows_quarantined:,} quarantined")
+    print(f"  rate    {st.jobs_per_second:,.0f} jobs/s (last 10 s of results)")
+    print("  lag     " + ", ".join(f"[{p}] {n:,}" for p, n in sorted(st.lag.items())))
+    return RET_OK
+
+
+def cmd_dlq(args: argparse.Namespace, bars: Bars) -> int:
+    from dispatchkit.dlq import list_dead, replay
+
+    settings = kafka_settings_from_args(args)
+    if args.action == "list":
+        entries = list_dead(settings, run_id=args.run_id, keys=args.key)
+        for e in entries:
+            print(e.describe())
+        print(f"{len(entries)} dead letter(s)")
+        return RET_OK
+    replayed, skipped = replay(settings, run_id=args.run_id, keys=args.key)
+    print(f"replayed {replayed} job(s); {skipped} skipped (done already or not replayable)")
+    return RET_OK

@@ -1,0 +1,156 @@
+"""The Kafka backend on a real broker: same exact results as embedded and the reference."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import subprocess
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import polars as pl
+import pytest
+
+from dispatchkit.generator import GenerateSpec, generate
+from dispatchkit.kafka_run import collect, dispatch, run_kafka
+from dispatchkit.runner import RunSpec, run_embedded
+
+from .conftest import assert_exact, reference
+from .kafka_helpers import (
+    committed_result_job_ids,
+    kafka_args,
+    new_settings,
+    read_all,
+    start,
+    stop,
+)
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture(scope="module")
+def data_200k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("kdata") / "k200k.parquet"
+    generate(GenerateSpec(rows=200_000, seed=21), path)
+    return path
+
+
+def test_run_on_kafka_with_3_workers_equals_embedded_and_reference(
+    data_200k: Path, tmp_path: Path
+) -> None:
+    settings = new_settings()
+    spec = RunSpec(input=str(data_200k), out=tmp_path / "k", workers=3, run_id="k3")
+    summary = run_kafka(spec, settings)
+    assert summary.status == "complete"
+    kafka_results = pl.read_parquet(tmp_path / "k" / "results.parquet")
+    ref = reference(data_200k)
+    assert_exact(kafka_results, ref)
+    assert kafka_results["tests"].sum() == 200_000
+
+    run_embedded(RunSpec(input=str(data_200k), out=tmp_path / "e", workers=2, run_id="k3"))
+    embedded = pl.read_parquet(tmp_path / "e" / "results.parquet")
+    assert embedded.drop("ci_low", "ci_high").equals(kafka_results.drop("ci_low", "ci_high"))
+    np.testing.assert_allclose(embedded["ci_low"], kafka_results["ci_low"])
+
+    counts = committed_result_job_ids(settings, "k3")
+    assert len(counts) == ref.height
+    assert max(counts.values()) == 1, "a job has two committed results"
+
+
+def test_separate_processes_dispatch_workers_collect(small_parquet: Path, tmp_path: Path) -> None:
+    settings = new_settings()
+    kargs = kafka_args(settings)
+    workers = [start(["worker", *kargs, "--worker-id", f"w{i}", "-q"]) for i in range(3)]
+    try:
+        d = subprocess.run(
+            [sys.executable, "-m", "dispatchkit", "dispatch", str(small_parquet), *kargs,
+             "--run-id", "sep", "--out", str(tmp_path), "-q"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert d.returncode == 0, d.stderr
+        c = subprocess.run(
+            [sys.executable, "-m", "dispatchkit", "collect", *kargs, "--run-id", "sep",
+             "--out", str(tmp_path), "--timeout", "120"],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert c.returncode == 0, c.stderr + c.stdout
+        assert "complete" in c.stdout
+    finally:
+        codes = stop(workers)
+    assert codes == [0, 0, 0]
+    assert_exact(pl.read_parquet(tmp_path / "results.parquet"), reference(small_parquet))
+    assert max(committed_result_job_ids(settings, "sep").values()) == 1
+
+
+def test_scale_out_and_in_mid_run(small_parquet: Path, tmp_path: Path) -> None:
+    """Start 3 workers, add a 4th mid-run, SIGTERM one mid-run: still exact."""
+    settings = new_settings()
+    kargs = kafka_args(settings)
+    slow = {"DISPATCHKIT_TEST_FAULTS": "slow:0.01"}
+    spec = RunSpec(input=str(small_parquet), out=tmp_path, run_id="scale")
+    dispatch(spec, settings)
+    workers = [start(["worker", *kargs, "--worker-id", f"s{i}", "-q"], slow) for i in range(3)]
+    progress: list[int] = []
+    events: dict[str, float] = {}
+
+    def on_progress(done: int, total: int) -> None:
+        progress.append(done)
+        if done > total * 0.2 and "added" not in events:
+            workers.append(start(["worker", *kargs, "--worker-id", "s3", "-q"], slow))
+            events["added"] = time.monotonic()
+        if done > total * 0.4 and "stopped" not in events:
+            workers[0].send_signal(signal.SIGTERM)
+            events["stopped"] = time.monotonic()
+
+    try:
+        summary = collect(settings, "scale", tmp_path, on_progress=on_progress, timeout=120)
+    finally:
+        codes = stop(workers)
+    assert "added" in events and "stopped" in events, progress[-5:]
+    assert summary.status == "complete"
+    assert codes == [0] * len(workers)
+    assert_exact(pl.read_parquet(tmp_path / "results.parquet"), reference(small_parquet))
+    assert max(committed_result_job_ids(settings, "scale").values()) == 1
+
+
+def test_a_plain_client_decodes_jobs_from_the_documented_format(
+    small_parquet: Path, tmp_path: Path
+) -> None:
+    """docs/wire-format.md is enough: confluent-kafka + msgpack, no dispatchkit decoder."""
+    settings = new_settings()
+    dispatch(RunSpec(input=str(small_parquet), out=tmp_path, run_id="wire"), settings)
+    total_tests = 0
+    keys = set()
+    for msg in read_all(settings, settings.jobs_topic):
+        headers = {k: v.decode() for k, v in msg.headers()}  # type: ignore[attr-defined]
+        assert headers["dk-kind"] == "jobs" and headers["dk-v"] == "1"
+        assert headers["dk-run"] == "wire"
+        batch = msgpack.unpackb(msg.value())  # type: ignore[attr-defined]
+        assert batch["kind"] == "jobs" and batch["v"] == 1
+        for job in batch["jobs"]:
+            bits = np.unpackbits(np.frombuffer(job["outcomes"], np.uint8))[: job["n"]]
+            assert len(bits) == job["n"]
+            total_tests += job["n"]
+            keys.add((job["country"], job["date_hour"]))
+            country, day = msg.key().decode().split("|")  # type: ignore[attr-defined]
+            assert country == job["country"]
+    ref = reference(small_parquet)
+    assert total_tests == 30_000
+    assert len(keys) == ref.height
+    manifests = [
+        msgpack.unpackb(m.value()) for m in read_all(settings, settings.manifests_topic)  # type: ignore[attr-defined]
+    ]
+    assert manifests[-1]["status"] == "dispatched"
+    assert manifests[-1]["total_jobs"] == ref.height
+
+
+def test_one_key_always_lands_in_one_partition(small_parquet: Path, tmp_path: Path) -> None:
+    settings = new_settings()
+    dispatch(RunSpec(input=str(small_parquet), out=tmp_path, run_id="p1"), settings)
+    where: dict[bytes, set[int]] = {}
+    for msg in read_all(settings, settings.jobs_topic):
+        where.setdefault(msg.key(), set()).add(msg.partition())  # type: ignore[attr-defined]
+    assert where and all(len(p) == 1 for p in where.values())
+    assert len({p for ps in where.values() for p in ps}) > 1
