@@ -20,9 +20,7 @@ def reference(path: Path | str) -> pl.DataFrame:
     Written without dispatchkit's reader or dispatcher, as a user would check the result.
     """
     path = str(path)
-    source = (
-        f"read_csv('{path}', all_varchar=true)" if path.endswith(".csv") else f"'{path}'"
-    )
+    source = f"read_csv('{path}', all_varchar=true)" if path.endswith(".csv") else f"'{path}'"
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     table = con.sql(
@@ -40,15 +38,12 @@ def reference(path: Path | str) -> pl.DataFrame:
 
 def normalize(df: pl.DataFrame) -> pl.DataFrame:
     """The comparable columns in one dtype and order."""
-    return (
-        df.select(
-            pl.col("country").cast(pl.String),
-            pl.col("date_hour").cast(pl.Datetime("us", "UTC")),
-            pl.col("tests").cast(pl.Int64),
-            pl.col("positives").cast(pl.Int64),
-        )
-        .sort("country", "date_hour")
-    )
+    return df.select(
+        pl.col("country").cast(pl.String),
+        pl.col("date_hour").cast(pl.Datetime("us", "UTC")),
+        pl.col("tests").cast(pl.Int64),
+        pl.col("positives").cast(pl.Int64),
+    ).sort("country", "date_hour")
 
 
 def assert_exact(results: pl.DataFrame, expected: pl.DataFrame) -> None:

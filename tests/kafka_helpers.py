@@ -91,21 +91,33 @@ def cli(*args: str, env: dict[str, str] | None = None) -> list[str]:
 
 def kafka_args(settings: KafkaSettings) -> list[str]:
     return [
-        "--bootstrap-servers", settings.bootstrap_servers,
-        "--topic-prefix", settings.topic_prefix,
-        "--partitions", str(settings.partitions),
+        "--bootstrap-servers",
+        settings.bootstrap_servers,
+        "--topic-prefix",
+        settings.topic_prefix,
+        "--partitions",
+        str(settings.partitions),
     ]
 
 
-def start(args: list[str], env: dict[str, str] | None = None, **kw: object) -> subprocess.Popen[str]:
+def start(
+    args: list[str], env: dict[str, str] | None = None, **kw: object
+) -> subprocess.Popen[str]:
     full = dict(os.environ)
     full.update(env or {})
     return subprocess.Popen(
-        cli(*args), env=full, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw  # type: ignore[call-overload]
+        cli(*args),
+        env=full,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        **kw,  # type: ignore[call-overload]
     )
 
 
-def stop(procs: list[subprocess.Popen[str]], sig: int = signal.SIGTERM, timeout: float = 60) -> list[int]:
+def stop(
+    procs: list[subprocess.Popen[str]], sig: int = signal.SIGTERM, timeout: float = 60
+) -> list[int]:
     """Signal every process still running, wait, and return the exit codes (pipes closed)."""
     for p in procs:
         if p.poll() is None:

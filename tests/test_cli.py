@@ -19,7 +19,10 @@ from .conftest import assert_exact, reference
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "dispatchkit", *args],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
     )
 
 
@@ -54,44 +57,63 @@ def test_every_subcommand_has_help_with_examples() -> None:
 
 
 def test_missing_input(tmp_path: Path) -> None:
-    one_line_error(run_cli("run", str(tmp_path / "nope.parquet"), "--out", str(tmp_path)), 2,
-                   "no such file or directory")
+    one_line_error(
+        run_cli("run", str(tmp_path / "nope.parquet"), "--out", str(tmp_path)),
+        2,
+        "no such file or directory",
+    )
 
 
 def test_empty_file(tmp_path: Path) -> None:
     (tmp_path / "e.parquet").write_bytes(b"")
-    one_line_error(run_cli("run", str(tmp_path / "e.parquet"), "--out", str(tmp_path)), 2,
-                   "file is empty")
+    one_line_error(
+        run_cli("run", str(tmp_path / "e.parquet"), "--out", str(tmp_path)), 2, "file is empty"
+    )
 
 
 def test_corrupt_parquet(tmp_path: Path) -> None:
     (tmp_path / "c.parquet").write_bytes(b"PAR1" + b"\x00garbage" * 50)
-    one_line_error(run_cli("run", str(tmp_path / "c.parquet"), "--out", str(tmp_path)), 2,
-                   "not a readable Parquet file")
+    one_line_error(
+        run_cli("run", str(tmp_path / "c.parquet"), "--out", str(tmp_path)),
+        2,
+        "not a readable Parquet file",
+    )
 
 
 def test_missing_columns(tmp_path: Path) -> None:
     pq.write_table(pa.table({"country": ["Italy"], "when": ["2020-05-01"]}), tmp_path / "m.parquet")
-    one_line_error(run_cli("run", str(tmp_path / "m.parquet"), "--out", str(tmp_path)), 2,
-                   "missing column(s) test_datetime, result")
+    one_line_error(
+        run_cli("run", str(tmp_path / "m.parquet"), "--out", str(tmp_path)),
+        2,
+        "missing column(s) test_datetime, result",
+    )
 
 
 def test_csv_with_wrong_delimiter(tmp_path: Path) -> None:
-    (tmp_path / "s.csv").write_text("country;test_datetime;result\nItaly;2020-05-01T00:00:00Z;pos\n")
-    one_line_error(run_cli("run", str(tmp_path / "s.csv"), "--out", str(tmp_path)), 2,
-                   "not comma-separated")
+    (tmp_path / "s.csv").write_text(
+        "country;test_datetime;result\nItaly;2020-05-01T00:00:00Z;pos\n"
+    )
+    one_line_error(
+        run_cli("run", str(tmp_path / "s.csv"), "--out", str(tmp_path)), 2, "not comma-separated"
+    )
 
 
 def test_csv_with_wrong_header(tmp_path: Path) -> None:
     (tmp_path / "h.csv").write_text("land,time,outcome\nItaly,2020-05-01T00:00:00Z,pos\n")
-    one_line_error(run_cli("run", str(tmp_path / "h.csv"), "--out", str(tmp_path)), 2,
-                   "missing column(s) country, test_datetime, result")
+    one_line_error(
+        run_cli("run", str(tmp_path / "h.csv"), "--out", str(tmp_path)),
+        2,
+        "missing column(s) country, test_datetime, result",
+    )
 
 
 def test_directory_without_inputs(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
-    one_line_error(run_cli("run", str(tmp_path), "--out", str(tmp_path / "o")), 2,
-                   "holds no .parquet or .csv files")
+    one_line_error(
+        run_cli("run", str(tmp_path), "--out", str(tmp_path / "o")),
+        2,
+        "holds no .parquet or .csv files",
+    )
 
 
 def test_unknown_flag_and_bad_values() -> None:
@@ -105,14 +127,22 @@ def test_unknown_flag_and_bad_values() -> None:
 
 
 def test_unknown_task(small_parquet: Path, tmp_path: Path) -> None:
-    one_line_error(run_cli("run", str(small_parquet), "--out", str(tmp_path), "--task", "nope"),
-                   2, "unknown task 'nope'")
+    one_line_error(
+        run_cli("run", str(small_parquet), "--out", str(tmp_path), "--task", "nope"),
+        2,
+        "unknown task 'nope'",
+    )
 
 
-def test_run_id_reused_for_other_input(small_parquet: Path, small_csv: Path, tmp_path: Path) -> None:
+def test_run_id_reused_for_other_input(
+    small_parquet: Path, small_csv: Path, tmp_path: Path
+) -> None:
     assert main(["run", str(small_parquet), "--out", str(tmp_path), "--run-id", "x", "-q"]) == 0
-    one_line_error(run_cli("run", str(small_csv), "--out", str(tmp_path), "--run-id", "x"), 1,
-                   "was made from different input")
+    one_line_error(
+        run_cli("run", str(small_csv), "--out", str(tmp_path), "--run-id", "x"),
+        1,
+        "was made from different input",
+    )
 
 
 @pytest.mark.parametrize("argv", [["--version"]])

@@ -52,7 +52,9 @@ def test_grouping_matches_an_independent_group_by(small_parquet: Path, tmp_path:
     assert got["job_id"].n_unique() == got.height == d.stats.jobs
 
 
-def test_batches_are_one_country_and_day_and_key_is_stable(small_parquet: Path, tmp_path: Path) -> None:
+def test_batches_are_one_country_and_day_and_key_is_stable(
+    small_parquet: Path, tmp_path: Path
+) -> None:
     batches, _ = cut(small_parquet, tmp_path)
     for b in batches:
         keys = {batch_key(JobBatch(1, "r", "b", "t", [j])) for j in b.jobs}
@@ -79,7 +81,9 @@ def test_oversized_keys_are_split_and_add_up(tmp_path: Path) -> None:
     assert merged.select("country", "date_hour", "tests", "positives").equals(reference(path))
 
 
-def test_skip_leaves_out_done_keys_but_counts_their_rows(small_parquet: Path, tmp_path: Path) -> None:
+def test_skip_leaves_out_done_keys_but_counts_their_rows(
+    small_parquet: Path, tmp_path: Path
+) -> None:
     all_batches, _ = cut(small_parquet, tmp_path)
     jobs = [j for b in all_batches for j in b.jobs]
     done = {(j.country, j.date_hour) for j in jobs[::2]}
@@ -109,5 +113,9 @@ def test_outcome_bits_are_the_rows_results(tmp_path: Path) -> None:
     assert sorted(bits.tolist()) == [0, 1]
     assert jobs[0].date_hour == 1583038800
     with pytest.raises(ValueError):
-        Dispatcher(InputReader([path], start=DEFAULT_START, end=DEFAULT_END, spill_dir=tmp_path),
-                   run_id="r", task="t", max_message_bytes=10)
+        Dispatcher(
+            InputReader([path], start=DEFAULT_START, end=DEFAULT_END, spill_dir=tmp_path),
+            run_id="r",
+            task="t",
+            max_message_bytes=10,
+        )

@@ -27,8 +27,15 @@ def test_run_is_exact_and_writes_every_file(small_parquet: Path, tmp_path: Path)
     assert_exact(results, reference(small_parquet))
     assert results["tests"].sum() == summary.rows_read == 30_000
     assert list(results.columns) == [
-        "run_id", "job_id", "country", "date_hour", "tests", "positives",
-        "positive_rate", "ci_low", "ci_high",
+        "run_id",
+        "job_id",
+        "country",
+        "date_hour",
+        "tests",
+        "positives",
+        "positive_rate",
+        "ci_low",
+        "ci_high",
     ]
     csv = pl.read_csv(out / "results.csv")
     assert csv.height == results.height
@@ -58,9 +65,7 @@ def test_resume_after_an_interrupted_run_redoes_only_what_is_missing(
     spec = RunSpec(input=str(small_parquet), out=tmp_path, workers=2, run_id="resume")
     run_embedded(spec)
     with ResultStore(tmp_path / "dispatchkit.duckdb") as store:
-        store.con.execute(
-            "DELETE FROM parts WHERE run_id = 'resume' AND hash(job_id) % 3 = 0"
-        )
+        store.con.execute("DELETE FROM parts WHERE run_id = 'resume' AND hash(job_id) % 3 = 0")
         store.update_run("resume", status="dispatching")
         missing = store.con.execute(
             "SELECT ? - count(*) FROM parts WHERE run_id = 'resume'", [spec_jobs(tmp_path)]
@@ -74,7 +79,9 @@ def spec_jobs(out: Path) -> int:
     return pl.read_parquet(out / "results.parquet").height
 
 
-def test_a_killed_worker_is_replaced_and_its_jobs_redone(small_parquet: Path, tmp_path: Path) -> None:
+def test_a_killed_worker_is_replaced_and_its_jobs_redone(
+    small_parquet: Path, tmp_path: Path
+) -> None:
     """kill -9 a worker process mid-run: the run still completes exactly."""
     killed: list[int] = []
     original = EmbeddedBroker.publish
@@ -102,7 +109,9 @@ def test_failing_jobs_are_dead_lettered_and_the_run_is_incomplete(
 ) -> None:
     monkeypatch.setenv("DISPATCHKIT_TEST_FAULTS", "fail:Sweden")
     spec = RunSpec(
-        input=str(small_parquet), out=tmp_path, workers=2,
+        input=str(small_parquet),
+        out=tmp_path,
+        workers=2,
         retry=RetryPolicy(attempts=2, base_delay=0.0, max_delay=0.0),
     )
     summary = run_embedded(spec)
@@ -125,8 +134,12 @@ def test_jobs_that_fail_once_are_retried_not_dead_lettered(
 ) -> None:
     monkeypatch.setenv("DISPATCHKIT_TEST_FAULTS", "fail-once:Italy")
     summary = run_embedded(
-        RunSpec(input=str(small_parquet), out=tmp_path, workers=1,
-                retry=RetryPolicy(attempts=3, base_delay=0.0, max_delay=0.0))
+        RunSpec(
+            input=str(small_parquet),
+            out=tmp_path,
+            workers=1,
+            retry=RetryPolicy(attempts=3, base_delay=0.0, max_delay=0.0),
+        )
     )
     assert summary.status == "complete" and not summary.failed_jobs
     assert_exact(pl.read_parquet(tmp_path / "results.parquet"), reference(small_parquet))

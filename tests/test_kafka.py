@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import signal
-import sys
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -65,15 +65,41 @@ def test_separate_processes_dispatch_workers_collect(small_parquet: Path, tmp_pa
     workers = [start(["worker", *kargs, "--worker-id", f"w{i}", "-q"]) for i in range(3)]
     try:
         d = subprocess.run(
-            [sys.executable, "-m", "dispatchkit", "dispatch", str(small_parquet), *kargs,
-             "--run-id", "sep", "--out", str(tmp_path), "-q"],
-            capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "dispatchkit",
+                "dispatch",
+                str(small_parquet),
+                *kargs,
+                "--run-id",
+                "sep",
+                "--out",
+                str(tmp_path),
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert d.returncode == 0, d.stderr
         c = subprocess.run(
-            [sys.executable, "-m", "dispatchkit", "collect", *kargs, "--run-id", "sep",
-             "--out", str(tmp_path), "--timeout", "120"],
-            capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "dispatchkit",
+                "collect",
+                *kargs,
+                "--run-id",
+                "sep",
+                "--out",
+                str(tmp_path),
+                "--timeout",
+                "120",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert c.returncode == 0, c.stderr + c.stdout
         assert "complete" in c.stdout
@@ -134,13 +160,14 @@ def test_a_plain_client_decodes_jobs_from_the_documented_format(
             assert len(bits) == job["n"]
             total_tests += job["n"]
             keys.add((job["country"], job["date_hour"]))
-            country, day = msg.key().decode().split("|")  # type: ignore[attr-defined]
+            country, _day = msg.key().decode().split("|")  # type: ignore[attr-defined]
             assert country == job["country"]
     ref = reference(small_parquet)
     assert total_tests == 30_000
     assert len(keys) == ref.height
     manifests = [
-        msgpack.unpackb(m.value()) for m in read_all(settings, settings.manifests_topic)  # type: ignore[attr-defined]
+        msgpack.unpackb(m.value())
+        for m in read_all(settings, settings.manifests_topic)  # type: ignore[attr-defined]
     ]
     assert manifests[-1]["status"] == "dispatched"
     assert manifests[-1]["total_jobs"] == ref.height

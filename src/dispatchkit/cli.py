@@ -7,6 +7,7 @@ Errors dispatchkit raises on purpose become one line on stderr and their exit co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -14,10 +15,14 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dispatchkit import __version__
 from dispatchkit.errors import RET_INTERRUPTED, RET_OK, DispatchkitError, UsageError
 from dispatchkit.progress import Bars
+
+if TYPE_CHECKING:
+    from dispatchkit.config import KafkaSettings
 
 log = logging.getLogger("dispatchkit")
 
@@ -69,8 +74,9 @@ def cmd_generate(args: argparse.Namespace, bars: Bars) -> int:
         seed=args.seed,
         dirty_fraction=args.dirty,
         hot_key_rows=args.hot_key_rows,
-        **({"countries": _countries(args.countries)} if args.countries else {}),
     )
+    if args.countries:
+        spec = dataclasses.replace(spec, countries=_countries(args.countries))
     t0 = time.perf_counter()
     bars.add("generate", spec.rows + spec.hot_key_rows, "rows")
     try:
@@ -193,7 +199,7 @@ def cmd_report(args: argparse.Namespace, bars: Bars) -> int:
 # -- plumbing ---------------------------------------------------------------------------
 
 
-def _kafka_settings(args: argparse.Namespace) -> object:
+def _kafka_settings(args: argparse.Namespace) -> KafkaSettings:
     from dispatchkit.config import kafka_settings_from_args
 
     return kafka_settings_from_args(args)
@@ -307,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--title", help="chart title")
 
     _add_kafka_commands(add)
+    from dispatchkit.bench_cli import register as register_bench
+
+    register_bench(add, _add_kafka_flags)
     return parser
 
 
@@ -351,7 +360,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger().setLevel(max(level, logging.ERROR))
     # librdkafka reports (and recovers from) transient errors; show them only with -v.
     logging.getLogger("dispatchkit.librdkafka").setLevel(
-        logging.CRITICAL if args.verbose == 0 else logging.WARNING if args.verbose == 1 else logging.DEBUG
+        logging.CRITICAL
+        if args.verbose == 0
+        else logging.WARNING
+        if args.verbose == 1
+        else logging.DEBUG
     )
     bars = Bars(enabled=False if args.quiet else None)
     try:

@@ -31,8 +31,12 @@ def register(add: Add, kafka_flags: Flags) -> None:
     d.add_argument("--start", type=_date, default=None, help="first valid test time (UTC)")
     d.add_argument("--end", type=_date, default=None, help="end of valid test times (UTC)")
     d.add_argument("--strict", action="store_true", help="fail on the first invalid row")
-    d.add_argument("--max-message-bytes", type=_positive_int, default=900_000,
-                   help="largest job batch message; bigger jobs are split into parts")
+    d.add_argument(
+        "--max-message-bytes",
+        type=_positive_int,
+        default=900_000,
+        help="largest job batch message; bigger jobs are split into parts",
+    )
     kafka_flags(d, required=True)
 
     w = add(
@@ -43,17 +47,36 @@ def register(add: Add, kafka_flags: Flags) -> None:
         cmd_worker,
     )
     w.add_argument("--group", help="consumer group (default: <prefix>.workers)")
-    w.add_argument("--worker-id", help="stable id of this worker slot; its transactional.id "
-                   "fences an older instance of the same slot (default: host-pid)")
+    w.add_argument(
+        "--worker-id",
+        help="stable id of this worker slot; its transactional.id "
+        "fences an older instance of the same slot (default: host-pid)",
+    )
     w.add_argument("--burst", action="store_true", help="exit once the jobs topic is drained")
-    w.add_argument("--attempts", type=_positive_int, default=3,
-                   help="tries per failing job before it is dead-lettered")
-    w.add_argument("--group-protocol", choices=["classic", "consumer"], default="classic",
-                   help="classic (cooperative-sticky) or consumer (KIP-848)")
-    w.add_argument("--session-timeout-ms", type=_positive_int, default=10_000,
-                   help="classic protocol session timeout")
-    w.add_argument("--max-poll-interval-ms", type=_positive_int, default=300_000,
-                   help="librdkafka max.poll.interval.ms (long jobs poll while they run)")
+    w.add_argument(
+        "--attempts",
+        type=_positive_int,
+        default=3,
+        help="tries per failing job before it is dead-lettered",
+    )
+    w.add_argument(
+        "--group-protocol",
+        choices=["classic", "consumer"],
+        default="classic",
+        help="classic (cooperative-sticky) or consumer (KIP-848)",
+    )
+    w.add_argument(
+        "--session-timeout-ms",
+        type=_positive_int,
+        default=10_000,
+        help="classic protocol session timeout",
+    )
+    w.add_argument(
+        "--max-poll-interval-ms",
+        type=_positive_int,
+        default=300_000,
+        help="librdkafka max.poll.interval.ms (long jobs poll while they run)",
+    )
     kafka_flags(w, required=True)
 
     c = add(
@@ -86,8 +109,12 @@ def register(add: Add, kafka_flags: Flags) -> None:
     )
     q.add_argument("action", choices=["list", "replay"], help="what to do")
     q.add_argument("--run-id", help="only this run")
-    q.add_argument("--key", action="append", default=[],
-                   help="only this job key 'COUNTRY YYYY-MM-DDTHH:00:00Z' (repeatable)")
+    q.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        help="only this job key 'COUNTRY YYYY-MM-DDTHH:00:00Z' (repeatable)",
+    )
     kafka_flags(q, required=True)
 
 
@@ -136,8 +163,10 @@ def cmd_worker(args: argparse.Namespace, bars: Bars) -> int:
         ),
     )
     if not args.quiet:
-        print(f"worker done: {stats.batches:,} batches, {stats.jobs:,} jobs, "
-              f"{stats.rejected + stats.dead_jobs:,} dead-lettered")
+        print(
+            f"worker done: {stats.batches:,} batches, {stats.jobs:,} jobs, "
+            f"{stats.rejected + stats.dead_jobs:,} dead-lettered"
+        )
     return RET_OK
 
 
@@ -147,7 +176,11 @@ def cmd_collect(args: argparse.Namespace, bars: Bars) -> int:
 
     settings = kafka_settings_from_args(args)
     summary = collect(
-        settings, args.run_id, Path(args.out), bars=bars, report=not args.no_report,
+        settings,
+        args.run_id,
+        Path(args.out),
+        bars=bars,
+        report=not args.no_report,
         timeout=args.timeout,
     )
     bars.__exit__(None, None, None)
@@ -165,8 +198,10 @@ def cmd_status(args: argparse.Namespace, bars: Bars) -> int:
         raise UsageError(f"run {args.run_id!r} has no manifest on {settings.manifests_topic}")
     print(f"run {st.run_id}: {m.status}, task {m.task}")
     print(f"  jobs    {st.jobs_done:,} done of {m.total_jobs:,}; {st.jobs_dead:,} dead-lettered")
-    print(f"  rows    {m.rows_read:,} read, {m.rows_dispatched:,} dispatched, "
-          f"{m.rows_quarantined:,} quarantined")
+    print(
+        f"  rows    {m.rows_read:,} read, {m.rows_dispatched:,} dispatched, "
+        f"{m.rows_quarantined:,} quarantined"
+    )
     print(f"  rate    {st.jobs_per_second:,.0f} jobs/s (last 10 s of results)")
     print("  lag     " + ", ".join(f"[{p}] {n:,}" for p, n in sorted(st.lag.items())))
     return RET_OK

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+import msgspec
+
 from dispatchkit import faults
 from dispatchkit.brokers.kafka import H_RUN, KafkaBroker, headers_of, scan
 from dispatchkit.brokers.kafka_worker import KafkaJobSource, default_worker_id
@@ -99,13 +101,11 @@ def dispatch(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) -
                     f"{prep.counts.rows_valid} valid"
                 )
             broker.close_run(
-                Manifest(
-                    **{
-                        **_fields(manifest),
-                        "status": "dispatched",
-                        "total_parts": stats.parts,
-                        "total_batches": stats.batches,
-                    }
+                msgspec.structs.replace(
+                    manifest,
+                    status="dispatched",
+                    total_parts=stats.parts,
+                    total_batches=stats.batches,
                 )
             )
         finally:
@@ -117,10 +117,6 @@ def dispatch(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) -
     summary.status = "dispatched"
     summary.seconds["dispatch"] = time.perf_counter() - t0
     return summary
-
-
-def _fields(m: Manifest) -> dict[str, object]:
-    return {f: getattr(m, f) for f in m.__struct_fields__}
 
 
 # -- worker -----------------------------------------------------------------------------
@@ -190,7 +186,11 @@ def work(settings: KafkaSettings, options: WorkerOptions) -> WorkerStats:
             signal.signal(s, handler)
     log.info(
         "worker %s: %d batches, %d jobs, %d rejected, %d aborts",
-        worker_id, stats.batches, stats.jobs, stats.rejected, source.aborts,
+        worker_id,
+        stats.batches,
+        stats.jobs,
+        stats.rejected,
+        source.aborts,
     )
     return stats
 
@@ -254,8 +254,11 @@ def collect(
                         dead = dead_jobs(settings, run_id)
                         last_dlq_check = now
                     missing = manifest.total_jobs - done
-                    if missing == 0 or (missing <= len(dead) and not store.buffered
-                                        and _all_dead(store, run_id, dead)):
+                    if missing == 0 or (
+                        missing <= len(dead)
+                        and not store.buffered
+                        and _all_dead(store, run_id, dead)
+                    ):
                         break
                 if timeout is not None and now - last_progress > timeout:
                     summary.status = "timed out"
@@ -277,7 +280,9 @@ def collect(
             f"{key}: {why}" for key, why in dead.items() if _key_tuple(key) not in done_keys
         )
         if summary.status != "timed out":
-            summary.status = "complete" if summary.jobs_done == manifest.total_jobs else "incomplete"
+            summary.status = (
+                "complete" if summary.jobs_done == manifest.total_jobs else "incomplete"
+            )
         store.update_run(
             run_id,
             status=summary.status,
@@ -398,10 +403,17 @@ def spawn_worker(
     """Start ``dispatchkit worker`` as a separate OS process."""
     return subprocess.Popen(
         [
-            sys.executable, "-m", "dispatchkit", "worker", "-q",
-            "--topic-prefix", settings.topic_prefix,
-            "--partitions", str(settings.partitions),
-            "--worker-id", worker_id,
+            sys.executable,
+            "-m",
+            "dispatchkit",
+            "worker",
+            "-q",
+            "--topic-prefix",
+            settings.topic_prefix,
+            "--partitions",
+            str(settings.partitions),
+            "--worker-id",
+            worker_id,
             *extra,
         ],
         env=env or worker_env(settings),

@@ -41,7 +41,7 @@ class RetryPolicy:
 
 
 def compute_backoff(attempt: int, policy: RetryPolicy, rng: random.Random | None = None) -> float:
-    """Seconds to wait before retry ``attempt`` (1-based): full jitter under a capped exponential."""
+    """Seconds before retry ``attempt`` (1-based): full jitter under a capped exponential."""
     ceiling = min(policy.max_delay, policy.base_delay * (2 ** (attempt - 1)))
     return (rng or random).uniform(0.0, ceiling)
 

@@ -16,8 +16,8 @@ concrete broker.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from dispatchkit.message import JobBatch, Manifest, ResultBatch
@@ -88,7 +88,10 @@ class JobSource(ABC):
         result: bytes | None,
         failed: tuple[bytes, Rejection] | None = None,
     ) -> None:
-        """Make ``result`` (and ``failed`` jobs' dead letter) durable and the delivery consumed, together."""
+        """Make ``result`` (and a dead letter of ``failed`` jobs) durable, and consume.
+
+        All of it happens together or not at all.
+        """
 
     @abstractmethod
     def reject(self, delivery: Delivery, rejection: Rejection) -> None:

@@ -13,6 +13,7 @@ twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -106,10 +107,8 @@ class EmbeddedBroker(Broker):
 
     def close(self) -> None:
         for slot in self._slots:
-            try:
+            with contextlib.suppress(OSError):
                 slot.conn.send_bytes(b"")
-            except OSError:
-                pass
         deadline = time.monotonic() + 5
         for slot in self._slots:
             slot.process.join(max(0.0, deadline - time.monotonic()))
@@ -240,7 +239,10 @@ class _PipeSource(JobSource):
         return Delivery(payload=data)
 
     def ack(
-        self, delivery: Delivery, result: bytes, failed: tuple[bytes, Rejection] | None = None
+        self,
+        delivery: Delivery,
+        result: bytes | None,
+        failed: tuple[bytes, Rejection] | None = None,
     ) -> None:
         if failed is None:
             reply = _Reply(result)

@@ -32,7 +32,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from dispatchkit.brokers.base import Broker
 from dispatchkit.config import KafkaSettings
@@ -75,7 +75,7 @@ def wrap_kafka_error(exc: KafkaException, what: str, redact: Callable[[str], str
 
 def ensure_topics(settings: KafkaSettings, timeout: float = 30.0) -> None:
     """Create the four topics if missing and wait until their leaders are known."""
-    admin = AdminClient(settings.client_config())
+    admin = AdminClient(settings.client_config())  # type: ignore[arg-type]
     rf = settings.replication_factor
     wanted = {
         settings.jobs_topic: NewTopic(settings.jobs_topic, settings.partitions, rf),
@@ -97,7 +97,9 @@ def ensure_topics(settings: KafkaSettings, timeout: float = 30.0) -> None:
                 fut.result(timeout)
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise wrap_kafka_error(exc, f"cannot create topic {name}", settings.redact)
+                    raise wrap_kafka_error(
+                        exc, f"cannot create topic {name}", settings.redact
+                    ) from None
     while True:
         md = admin.list_topics(timeout=max(1.0, deadline - time.monotonic())).topics
         ready = all(
@@ -150,7 +152,9 @@ class KafkaBroker(Broker):
         else:
             self.delivered += 1
 
-    def _produce(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+    def _produce(
+        self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, str | bytes | None]]
+    ) -> None:
         while True:
             try:
                 self.producer.produce(
@@ -161,7 +165,9 @@ class KafkaBroker(Broker):
                 # The local queue is full: serve delivery reports until there is room.
                 self.producer.poll(0.1)
             except KafkaException as exc:
-                raise wrap_kafka_error(exc, f"cannot produce to {topic}", self.settings.redact)
+                raise wrap_kafka_error(
+                    exc, f"cannot produce to {topic}", self.settings.redact
+                ) from None
         self.producer.poll(0)
         if self._failures:
             raise DeliveryError(self.settings.redact(f"delivery failed: {self._failures[0]}"))
@@ -235,20 +241,24 @@ class KafkaBroker(Broker):
     def results(self, timeout: float) -> list[ResultBatch]:
         out: list[ResultBatch] = []
         for msg in self.consumer.consume(num_messages=1000, timeout=timeout):
-            if msg.error():
-                if msg.error().fatal():
-                    raise wrap_kafka_error(KafkaException(msg.error()), "collector", self.settings.redact)
-                log.warning("collector: %s", msg.error().str())
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise wrap_kafka_error(KafkaException(err), "collector", self.settings.redact)
+                log.warning("collector: %s", err.str())
                 continue
             headers = headers_of(msg)
             if self.run_id is not None and headers.get(H_RUN) != self.run_id:
                 continue
             try:
-                rb = decode(msg.value(), ResultBatch)
+                rb = decode(msg.value() or b"", ResultBatch)
             except DecodeError as exc:
                 log.error(
                     "skipping undecodable result %s[%d]@%d: %s",
-                    msg.topic(), msg.partition(), msg.offset(), exc,
+                    msg.topic(),
+                    msg.partition(),
+                    msg.offset(),
+                    exc,
                 )
                 continue
             if self.run_id is None or rb.run_id == self.run_id:
@@ -262,7 +272,9 @@ class KafkaBroker(Broker):
             self._consumer.commit(asynchronous=False)
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError._NO_OFFSET:
-                raise wrap_kafka_error(exc, "cannot commit collector offsets", self.settings.redact)
+                raise wrap_kafka_error(
+                    exc, "cannot commit collector offsets", self.settings.redact
+                ) from None
 
     # -- reading whole topics ----------------------------------------------------------
 
@@ -341,7 +353,7 @@ def scan(
                     continue
                 yield msg
                 p = msg.partition()
-                if p in ends and msg.offset() + 1 >= ends[p]:
+                if p in ends and (msg.offset() or 0) + 1 >= ends[p]:
                     del ends[p]
             # Transaction markers take offsets too: the position tells when we are past them.
             for p in list(ends):

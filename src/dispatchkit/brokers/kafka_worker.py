@@ -248,13 +248,20 @@ class KafkaJobSource(JobSource):
                 self.settings.results_topic,
                 delivery.key,
                 result,
-                [(H_KIND, b"results"), (H_VERSION, b"1"), (H_RUN, run),
-                 (H_BATCH, delivery.headers.get(H_BATCH, "").encode())],
+                [
+                    (H_KIND, b"results"),
+                    (H_VERSION, b"1"),
+                    (H_RUN, run),
+                    (H_BATCH, delivery.headers.get(H_BATCH, "").encode()),
+                ],
             )
         if failed is not None:
             payload, rejection = failed
             self._produce(
-                self.settings.dlq_topic, delivery.key, payload, self._dlq_headers(delivery, rejection)
+                self.settings.dlq_topic,
+                delivery.key,
+                payload,
+                self._dlq_headers(delivery, rejection),
             )
         self._offsets[(topic, partition)] = offset + 1
         self._txn_batches += 1
@@ -299,7 +306,9 @@ class KafkaJobSource(JobSource):
 
     # -- transactions ------------------------------------------------------------------
 
-    def _dlq_headers(self, delivery: Delivery, rejection: Rejection) -> list[tuple[str, bytes]]:
+    def _dlq_headers(
+        self, delivery: Delivery, rejection: Rejection
+    ) -> list[tuple[str, str | bytes | None]]:
         topic, partition, offset, timestamp = delivery.token
         fields = {
             "dk-original-topic": topic,
@@ -315,7 +324,9 @@ class KafkaJobSource(JobSource):
             H_KIND: "dead-letter",
             H_RUN: delivery.headers.get(H_RUN, ""),
         }
-        return [(k, str(v).encode()) for k, v in fields.items()]
+        out: list[tuple[str, str | bytes | None]] = []
+        out.extend((k, str(v).encode()) for k, v in fields.items())
+        return out
 
     def _begin(self) -> None:
         if not self._in_txn:
@@ -329,7 +340,13 @@ class KafkaJobSource(JobSource):
             time.monotonic() - self._txn_started >= self.txn_max_seconds
         )
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+    def _produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: list[tuple[str, str | bytes | None]],
+    ) -> None:
         while True:
             try:
                 self.producer.produce(topic, value=value, key=key, headers=headers)
