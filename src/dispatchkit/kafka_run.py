@@ -208,8 +208,14 @@ def collect(
     timeout: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     on_tick: Callable[[], None] | None = None,
+    dead_grace: float = 5.0,
 ) -> RunSummary:
-    """Store a run's results until its manifest's jobs are all done, then export them."""
+    """Store a run's results until its manifest's jobs are all done, then export them.
+
+    Ends early, as ``incomplete``, when every missing job is dead-lettered and no result
+    has arrived for ``dead_grace`` seconds; ``timeout`` ends it after that many seconds
+    without progress.
+    """
     bars = bars or Bars(enabled=False)
     t0 = time.perf_counter()
     summary = RunSummary(run_id=run_id)
@@ -254,10 +260,15 @@ def collect(
                         dead = dead_jobs(settings, run_id)
                         last_dlq_check = now
                     missing = manifest.total_jobs - done
-                    if missing == 0 or (
-                        missing <= len(dead)
+                    if missing == 0:
+                        break
+                    # Every missing job is dead-lettered and nothing has moved for a while
+                    # (a replay in flight would): the run ends incomplete.
+                    if (
+                        dead
                         and not store.buffered
-                        and _all_dead(store, run_id, dead)
+                        and now - last_progress > dead_grace
+                        and missing == _dead_not_done(store, run_id, dead)
                     ):
                         break
                 if timeout is not None and now - last_progress > timeout:
@@ -308,9 +319,9 @@ def _key_tuple(key: str) -> tuple[str, int]:
     return (country, int(datetime.fromisoformat(hour.replace("Z", "+00:00")).timestamp()))
 
 
-def _all_dead(store: ResultStore, run_id: str, dead: dict[str, str]) -> bool:
+def _dead_not_done(store: ResultStore, run_id: str, dead: dict[str, str]) -> int:
     done = store.done_keys(run_id)
-    return all(_key_tuple(k) not in done for k in dead)
+    return sum(1 for k in dead if _key_tuple(k) not in done)
 
 
 def dead_jobs(settings: KafkaSettings, run_id: str) -> dict[str, str]:

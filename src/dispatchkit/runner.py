@@ -7,6 +7,7 @@ shared with the Kafka commands so both backends write the same files the same wa
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import time
@@ -174,6 +175,8 @@ def run_embedded(spec: RunSpec, bars: Bars | None = None) -> RunSummary:
             broker = EmbeddedBroker(spec.workers, retry=spec.retry)
             _dispatch_and_collect(spec, prep, store, done, bars, summary, broker)
         finish(store, prep.run_id, spec.task, spec.out, report=spec.report, summary=summary)
+        if summary.failed_jobs:
+            summary.files["dead_letters.csv"] = write_dead_letters(summary.failed_jobs, spec.out)
         if summary.rows_valid and summary.jobs_done != prep.total_jobs:
             summary.status = "incomplete"
         else:
@@ -252,3 +255,13 @@ def _dispatch_and_collect(
             f"{dead.rejection.error}"
             for j in batch.jobs
         )
+
+
+def write_dead_letters(failed: list[str], out: Path) -> Path:
+    """The embedded run's dead-lettered jobs, one line each: key and error."""
+    path = out / "dead_letters.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["job", "error"])
+        writer.writerows(f.partition(": ")[::2] for f in failed)
+    return path

@@ -73,9 +73,38 @@ def wrap_kafka_error(exc: KafkaException, what: str, redact: Callable[[str], str
     return BrokerError(redact(f"{what}: {text}"))
 
 
+_AUTH_ERRORS = {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED}
+
+
+def connect(settings: KafkaSettings, timeout: float = 15.0) -> AdminClient:
+    """An AdminClient that has reached the cluster; fails fast and clearly on bad credentials."""
+    errors: list[KafkaError] = []
+    admin = AdminClient(settings.client_config(error_cb=errors.append))  # type: ignore[arg-type]
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            admin.list_topics(timeout=1.0)
+            return admin
+        except KafkaException as exc:
+            errors.append(exc.args[0])
+        auth = [e for e in errors if e.code() in _AUTH_ERRORS]
+        if auth:
+            raise BrokerError(
+                settings.redact(f"Kafka authentication failed: {auth[-1].str()}")
+            ) from None
+        if time.monotonic() > deadline:
+            last = errors[-1].str() if errors else "no answer"
+            raise BrokerError(
+                settings.redact(
+                    f"cannot reach Kafka at {settings.bootstrap_servers} "
+                    f"within {timeout:.0f} s: {last}"
+                )
+            ) from None
+
+
 def ensure_topics(settings: KafkaSettings, timeout: float = 30.0) -> None:
     """Create the four topics if missing and wait until their leaders are known."""
-    admin = AdminClient(settings.client_config())  # type: ignore[arg-type]
+    admin = connect(settings)
     rf = settings.replication_factor
     wanted = {
         settings.jobs_topic: NewTopic(settings.jobs_topic, settings.partitions, rf),
@@ -89,7 +118,7 @@ def ensure_topics(settings: KafkaSettings, timeout: float = 30.0) -> None:
     try:
         existing = admin.list_topics(timeout=timeout).topics
     except KafkaException as exc:
-        raise wrap_kafka_error(exc, "cannot reach Kafka", settings.redact) from None
+        raise wrap_kafka_error(exc, "cannot list topics", settings.redact) from None
     missing = [t for name, t in wanted.items() if name not in existing]
     if missing:
         for name, fut in admin.create_topics(missing, operation_timeout=timeout).items():
