@@ -147,3 +147,17 @@ def test_jobs_that_fail_once_are_retried_not_dead_lettered(
 
 def test_unused_imports_guard() -> None:
     assert threading and time
+
+
+def test_skewed_key_is_split_and_exact(tmp_path: Path) -> None:
+    from dispatchkit.generator import GenerateSpec, generate
+
+    path = tmp_path / "skew.parquet"
+    generate(GenerateSpec(rows=8_000, seed=5, hot_key_rows=100_000), path)
+    summary = run_embedded(
+        RunSpec(input=str(path), out=tmp_path / "o", workers=2, max_message_bytes=4096)
+    )
+    assert summary.split_jobs >= 1 and summary.status == "complete"
+    results = pl.read_parquet(tmp_path / "o" / "results.parquet")
+    assert_exact(results, reference(path))
+    assert results["tests"].max() >= 100_000

@@ -181,3 +181,20 @@ def test_one_key_always_lands_in_one_partition(small_parquet: Path, tmp_path: Pa
         where.setdefault(msg.key(), set()).add(msg.partition())  # type: ignore[attr-defined]
     assert where and all(len(p) == 1 for p in where.values())
     assert len({p for ps in where.values() for p in ps}) > 1
+
+
+def test_skewed_key_is_split_and_exact_on_kafka(tmp_path: Path) -> None:
+    path = tmp_path / "skew.parquet"
+    generate(GenerateSpec(rows=8_000, seed=5, hot_key_rows=100_000), path)
+    settings = new_settings()
+    summary = run_kafka(
+        RunSpec(
+            input=str(path), out=tmp_path / "o", workers=2, max_message_bytes=4096, run_id="skew"
+        ),
+        settings,
+    )
+    assert summary.split_jobs >= 1 and summary.status == "complete"
+    results = pl.read_parquet(tmp_path / "o" / "results.parquet")
+    assert_exact(results, reference(path))
+    assert results["tests"].max() >= 100_000
+    assert all(len(m.value()) <= 4096 for m in read_all(settings, settings.jobs_topic))  # type: ignore[attr-defined]

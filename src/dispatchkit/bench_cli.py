@@ -1,13 +1,181 @@
-"""The ``bench`` subcommand (registered by cli.py)."""
+"""The ``bench`` subcommand (registered by cli.py): parse, build a BenchConfig, run it."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dispatchkit.errors import RET_OK
+from dispatchkit.progress import Bars
+
+if TYPE_CHECKING:
+    from dispatchkit.bench import BenchConfig
 
 Add = Callable[..., argparse.ArgumentParser]
 Flags = Callable[..., None]
 
+EXAMPLES = """examples:
+  dispatchkit bench --out bench-out                 # everything, 2M rows, 3 repeats
+  dispatchkit bench --quick --no-kafka --out /tmp/b # smoke test, a minute
+  dispatchkit bench --rows 500000 --repeats 5 --workers 1,2 --kafka-workers 2
+  dispatchkit bench --no-kafka --heavy-rows 50000 --memory-scale 20000000
+  dispatchkit bench -b 127.0.0.1:9092 --partitions 24   # an existing cluster
+
+Without -b (or $DISPATCHKIT_BOOTSTRAP_SERVERS) the Kafka variants start a local broker
+with scripts/kafka (instance 'bench', port 45092) and stop it afterwards.
+Writes bench.json, bench.md and bench.png (plus bench-heavy.png, bench-memory.png).
+"""
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v.replace("_", "")) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give worker counts of at least 1, e.g. 1,2")
+    return values
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be negative")
+    return value
+
 
 def register(add: Add, kafka_flags: Flags) -> None:
     """Add ``dispatchkit bench``; see :mod:`dispatchkit.bench`."""
+    from dispatchkit.cli import _positive_int
+
+    b = add(
+        "bench",
+        "benchmark pandas, a Polars floor, dispatchkit embedded and on Kafka on one input",
+        EXAMPLES,
+        cmd_bench,
+    )
+    b.add_argument("--out", default="bench-out", help="directory for bench.json/.md/.png")
+    # "%(default).0s" prints nothing; it only stops the formatter adding "(default: None)"
+    # to options whose default depends on --quick.
+    b.add_argument(
+        "--rows",
+        type=_positive_int,
+        help="rows of the main input (default: 2000000; 20000 with --quick)%(default).0s",
+    )
+    b.add_argument(
+        "--repeats",
+        type=_positive_int,
+        help="runs of every variant (default: 3; 1 with --quick)%(default).0s",
+    )
+    b.add_argument("--workers", type=_counts, default="1,2", help="embedded worker counts")
+    b.add_argument("--kafka-workers", type=_counts, default="1,2,4", help="Kafka worker counts")
+    b.add_argument(
+        "--kafka",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="include the Kafka variants",
+    )
+    b.add_argument("--task", default="positive-rate", help="task of the main section")
+    b.add_argument(
+        "--heavy-rows",
+        type=_count,
+        help="rows for the CPU-heavy beta-posterior section, 0 to skip it "
+        "(default: 20000; 2000 with --quick)%(default).0s",
+    )
+    b.add_argument(
+        "--memory-scale",
+        type=_count,
+        default=0,
+        help="also compare peak memory at this many rows, once (e.g. 20000000; slow)",
+    )
+    b.add_argument(
+        "--memory-workers", type=_positive_int, default=2, help="embedded workers at scale"
+    )
+    b.add_argument(
+        "--no-components",
+        action="store_true",
+        help="skip the dispatcher-alone and Kafka-staged measurements",
+    )
+    b.add_argument(
+        "--quick", action="store_true", help="smoke test: 20,000 rows, 1 repeat, 2,000 heavy rows"
+    )
+    b.add_argument("--seed", type=int, default=42, help="seed of the generated inputs")
+    b.add_argument("--data-dir", help="where generated inputs are kept and reused [OUT/data]")
+    kafka_flags(b, required=False)
+
+
+def cmd_bench(args: argparse.Namespace, bars: Bars) -> int:
+    from dispatchkit.bench import BenchConfig, run_benchmarks
+    from dispatchkit.config import kafka_settings_from_args
+
+    settings = None
+    if args.kafka and (
+        args.bootstrap_servers
+        or args.kafka_config
+        or os.environ.get("DISPATCHKIT_BOOTSTRAP_SERVERS")
+        or os.environ.get("DISPATCHKIT_KAFKA_CONFIG")
+    ):
+        settings = kafka_settings_from_args(args)
+    base = BenchConfig.quick(Path(args.out)) if args.quick else BenchConfig(out=Path(args.out))
+    config = BenchConfig(
+        out=Path(args.out),
+        rows=args.rows or base.rows,
+        repeats=args.repeats or base.repeats,
+        workers=args.workers,
+        kafka_workers=args.kafka_workers,
+        kafka=args.kafka,
+        kafka_settings=settings,
+        topic_prefix=args.topic_prefix,
+        partitions=args.partitions,
+        task=args.task,
+        heavy_rows=base.heavy_rows if args.heavy_rows is None else args.heavy_rows,
+        memory_scale=args.memory_scale,
+        memory_workers=args.memory_workers,
+        components=not args.no_components,
+        seed=args.seed,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+    )
+    config = dataclasses.replace(config, command=_command(config))
+
+    def say(line: str) -> None:
+        if line and not args.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    run_benchmarks(config, say)
+    if not args.quiet:
+        print((config.out / "bench.md").read_text())
+    return RET_OK
+
+
+def _command(c: BenchConfig) -> str:
+    """The command that reproduces ``c``, flags in canonical form."""
+    parts = [
+        "dispatchkit bench",
+        f"--out {c.out}",
+        f"--rows {c.rows}",
+        f"--repeats {c.repeats}",
+        "--workers " + ",".join(map(str, c.workers)),
+    ]
+    if c.kafka:
+        parts.append("--kafka-workers " + ",".join(map(str, c.kafka_workers)))
+        parts.append(f"--partitions {c.partitions}")
+    else:
+        parts.append("--no-kafka")
+    parts += [f"--task {c.task}", f"--heavy-rows {c.heavy_rows}"]
+    if c.memory_scale:
+        parts += [f"--memory-scale {c.memory_scale}", f"--memory-workers {c.memory_workers}"]
+    if not c.components:
+        parts.append("--no-components")
+    if c.seed != 42:
+        parts.append(f"--seed {c.seed}")
+    return " ".join(parts)

@@ -17,8 +17,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from confluent_kafka import KafkaException
+
 from dispatchkit import __version__
-from dispatchkit.errors import RET_INTERRUPTED, RET_OK, DispatchkitError, UsageError
+from dispatchkit.errors import (
+    RET_BROKER,
+    RET_INTERRUPTED,
+    RET_OK,
+    DispatchkitError,
+    UsageError,
+)
 from dispatchkit.progress import Bars
 
 if TYPE_CHECKING:
@@ -351,21 +359,24 @@ def _add_kafka_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     register(add, _add_kafka_flags)
 
 
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    """Configure dispatchkit's own logger only; other libraries keep their defaults."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    level = logging.WARNING - 10 * verbose
+    log.setLevel(max(level, logging.ERROR) if quiet else max(level, logging.DEBUG))
+    # librdkafka reports (and recovers from) transient errors; show them only with -v.
+    logging.getLogger("dispatchkit.librdkafka").setLevel(
+        logging.CRITICAL if verbose == 0 else logging.WARNING if verbose == 1 else logging.DEBUG
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * args.verbose
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if args.quiet:
-        logging.getLogger().setLevel(max(level, logging.ERROR))
-    # librdkafka reports (and recovers from) transient errors; show them only with -v.
-    logging.getLogger("dispatchkit.librdkafka").setLevel(
-        logging.CRITICAL
-        if args.verbose == 0
-        else logging.WARNING
-        if args.verbose == 1
-        else logging.DEBUG
-    )
+    _configure_logging(args.verbose, args.quiet)
     bars = Bars(enabled=False if args.quiet else None)
     try:
         with bars:
@@ -375,6 +386,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         bars.__exit__(None, None, None)
         print(f"dispatchkit: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KafkaException as exc:
+        # Wrapped almost everywhere; this is the last line of defence. librdkafka's
+        # error strings never carry credentials.
+        bars.__exit__(None, None, None)
+        err = exc.args[0] if exc.args else exc
+        text = err.str() if hasattr(err, "str") else str(err)
+        print(f"dispatchkit: error: Kafka: {text}", file=sys.stderr)
+        return RET_BROKER
     except KeyboardInterrupt:
         print("dispatchkit: interrupted", file=sys.stderr)
         return RET_INTERRUPTED

@@ -87,6 +87,7 @@ def connect(settings: KafkaSettings, timeout: float = 15.0) -> AdminClient:
             return admin
         except KafkaException as exc:
             errors.append(exc.args[0])
+        admin.poll(0.1)  # serves error_cb, where authentication failures arrive
         auth = [e for e in errors if e.code() in _AUTH_ERRORS]
         if auth:
             raise BrokerError(
@@ -349,6 +350,7 @@ def scan(
     committed_only: bool = True,
 ) -> Iterable[Any]:
     """Every record of a topic, from the beginning to the current end, without a group."""
+    connect(settings)
     consumer = Consumer(
         settings.client_config(
             **{

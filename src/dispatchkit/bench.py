@@ -1,0 +1,387 @@
+"""``dispatchkit bench``: the same input through every way of computing the job, measured.
+
+Sections, each on its own generated input (cached under ``data_dir``):
+
+``main``        pandas monolith, the single-process Polars floor, dispatchkit embedded
+                (``workers``) and on Kafka (``kafka_workers``), on ``rows`` rows;
+``components``  the dispatcher alone (no transport), and Kafka *staged*: dispatch every
+                job first, then start one worker and let it drain — the dispatcher's
+                rows/s and a worker's jobs/s, each measured without the other running;
+``heavy``       the CPU-heavy ``beta-posterior`` task on ``heavy_rows`` rows: pandas
+                monolith against dispatchkit embedded with 1, 2, … workers;
+``memory``      at ``memory_scale`` rows, once: peak memory of the pandas monolith
+                against dispatchkit embedded (off unless asked for: it takes minutes).
+
+Every variant runs in a process of its own (:mod:`dispatchkit.bench_variants`) that
+:func:`dispatchkit.bench_measure.measure` samples. Repeats are interleaved (round ``r``
+runs every variant once) so a noisy neighbour slows all variants alike. Before a run
+counts, its ``(country, date_hour, tests, positives)`` must equal the floor's, row for
+row, or the benchmark stops with :class:`~dispatchkit.errors.RunError`.
+
+Without ``kafka_settings`` and with ``kafka`` on, a local broker is started with
+``scripts/kafka`` (instance ``bench``, port 45092) and stopped afterwards; its JVM's
+memory is reported apart and never added to a variant's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from dispatchkit.bench_measure import measure
+from dispatchkit.config import KafkaSettings
+from dispatchkit.errors import RunError, UsageError
+from dispatchkit.task import get_task
+
+Row = dict[str, Any]
+BROKER_NAME, BROKER_PORT = "bench", 45092
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run; :meth:`quick` is the CI smoke test's shape."""
+
+    out: Path
+    rows: int = 2_000_000
+    repeats: int = 3
+    workers: tuple[int, ...] = (1, 2)
+    kafka_workers: tuple[int, ...] = (1, 2, 4)
+    kafka: bool = True
+    kafka_settings: KafkaSettings | None = None
+    topic_prefix: str = "dkbench"
+    partitions: int = 12
+    task: str = "positive-rate"
+    heavy_rows: int = 20_000
+    memory_scale: int = 0
+    memory_workers: int = 2
+    components: bool = True
+    seed: int = 42
+    data_dir: Path | None = None
+    command: str = ""
+
+    @classmethod
+    def quick(cls, out: Path, **changes: Any) -> BenchConfig:
+        return replace(cls(out=out, rows=20_000, repeats=1, heavy_rows=2_000), **changes)
+
+    def check(self) -> None:
+        """Raise :class:`UsageError` for settings that cannot work."""
+        get_task(self.task)
+        if self.rows < 1 or self.repeats < 1:
+            raise UsageError("--rows and --repeats must be at least 1")
+        if any(w < 1 for w in (*self.workers, *self.kafka_workers, self.memory_workers)):
+            raise UsageError("worker counts must be at least 1")
+        if self.heavy_rows < 0 or self.memory_scale < 0:
+            raise UsageError("--heavy-rows and --memory-scale cannot be negative")
+        if self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"--out {self.out} is a file, not a directory")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One variant of one section: what to run, and how to label it."""
+
+    section: str
+    key: str
+    label: str
+    variant: str
+    input: Path
+    task: str = "positive-rate"
+    workers: int = 0
+    kafka: bool = False
+    shown: bool = True
+
+
+@dataclass
+class KafkaTarget:
+    settings: KafkaSettings
+    broker_pid: int | None
+    description: str
+
+
+@dataclass
+class _State:
+    config: BenchConfig
+    kafka: KafkaTarget | None
+    say: Callable[[str], None]
+    samples: dict[str, list[Row]] = field(default_factory=dict)
+    references: dict[str, pl.DataFrame] = field(default_factory=dict)
+    inputs: dict[str, Row] = field(default_factory=dict)
+    shown: list[Plan] = field(default_factory=list)
+
+
+def run_benchmarks(config: BenchConfig, say: Callable[[str], None] | None = None) -> list[Row]:
+    """Run every section ``config`` asks for; write bench.json/.md/.png; return the rows."""
+    from dispatchkit.bench_report import machine, write_outputs
+
+    config.check()
+    config.out.mkdir(parents=True, exist_ok=True)
+    state = _State(config, None, say or (lambda _: None))
+    with _kafka(config, state.say) as target:
+        state.kafka = target
+        for section, plans, repeats in _sections(state):
+            _run_section(state, section, plans, repeats)
+    rows = [_aggregate(plan, state.samples[f"{plan.section}/{plan.key}"]) for plan in state.shown]
+    info = machine(target.description if target else "not run")
+    write_outputs(config, rows, info, state.inputs)
+    return rows
+
+
+def _sections(state: _State) -> Iterator[tuple[str, list[Plan], int]]:
+    c = state.config
+    main_in = _input(state, "main", c.rows)
+    main = [Plan("main", "floor", "polars floor", "floor", main_in)]
+    main.append(Plan("main", "pandas", "pandas monolith", "pandas", main_in, c.task))
+    main += [
+        Plan("main", f"embedded-{w}", f"embedded ×{w}", "embedded", main_in, c.task, w)
+        for w in c.workers
+    ]
+    if state.kafka is not None:
+        main += [
+            Plan("main", f"kafka-{w}", f"kafka ×{w}", "kafka", main_in, c.task, w, True)
+            for w in c.kafka_workers
+        ]
+    yield "main", main, c.repeats
+    if c.components:
+        comp = [Plan("components", "dispatcher", "dispatcher only", "dispatcher", main_in, c.task)]
+        if state.kafka is not None:
+            label = "kafka staged ×1"
+            comp.append(
+                Plan("components", "staged-1", label, "kafka-staged", main_in, c.task, 1, True)
+            )
+        yield "components", comp, c.repeats
+    if c.heavy_rows:
+        heavy_in = _input(state, "heavy", c.heavy_rows)
+        task = "beta-posterior"
+        heavy = [Plan("heavy", "floor", "polars floor", "floor", heavy_in, shown=False)]
+        heavy.append(Plan("heavy", "pandas", "pandas monolith", "pandas", heavy_in, task))
+        heavy += [
+            Plan("heavy", f"embedded-{w}", f"embedded ×{w}", "embedded", heavy_in, task, w)
+            for w in sorted({1, 2, *c.workers})
+        ]
+        yield "heavy", heavy, c.repeats
+    if c.memory_scale:
+        mem_in = _input(state, "memory", c.memory_scale)
+        w = c.memory_workers
+        mem = [
+            Plan("memory", "floor", "polars floor", "floor", mem_in),
+            Plan("memory", "pandas", "pandas monolith", "pandas", mem_in),
+            Plan("memory", f"embedded-{w}", f"embedded ×{w}", "embedded", mem_in, workers=w),
+        ]
+        yield "memory", mem, 1
+
+
+def _input(state: _State, section: str, rows: int) -> Path:
+    from dispatchkit.generator import GenerateSpec, generate
+
+    c = state.config
+    path = (c.data_dir or c.out / "data") / f"covid_{rows}_seed{c.seed}.parquet"
+    info: Row = {"rows": rows, "path": str(path), "generate_s": None}
+    if not path.exists():
+        state.say(f"generating {rows:,} rows → {path}")
+        t0 = time.perf_counter()
+        generate(GenerateSpec(rows=rows, seed=c.seed), path)
+        info["generate_s"] = time.perf_counter() - t0
+    info["bytes"] = path.stat().st_size
+    state.inputs[section] = info
+    return path
+
+
+def _run_section(state: _State, section: str, plans: list[Plan], repeats: int) -> None:
+    state.shown.extend(p for p in plans if p.shown)
+    for r in range(repeats):
+        for plan in plans:
+            sample = _run_once(state, plan, r)
+            state.samples.setdefault(f"{section}/{plan.key}", []).append(sample)
+            state.say(
+                f"[{section} {r + 1}/{repeats}] {plan.label:<18} {sample['wall_s']:8.2f} s  "
+                f"{sample['peak_rss_max_mb']:7.0f} MB largest  "
+                f"{sample['peak_rss_total_mb']:7.0f} MB all  {sample['cpu_s']:7.1f} CPU s"
+            )
+
+
+def _run_once(state: _State, plan: Plan, repeat: int) -> Row:
+    c = state.config
+    base = c.out / "runs" / plan.section / f"{plan.key}-r{repeat + 1}"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    spec: Row = {
+        "variant": plan.variant,
+        "input": str(plan.input),
+        "task": plan.task,
+        "workers": plan.workers,
+        "run_dir": str(base / "run"),
+        "check": str(base / "check.parquet"),
+        "outcome": str(base / "outcome.json"),
+    }
+    env = dict(os.environ)
+    extra: list[int] = []
+    if plan.kafka:
+        from dispatchkit.kafka_run import worker_env
+
+        assert state.kafka is not None
+        settings = state.kafka.settings
+        spec["topic_prefix"] = f"{settings.topic_prefix}.{uuid.uuid4().hex[:10]}"
+        spec["partitions"] = settings.partitions
+        env = worker_env(settings)
+        extra = [state.kafka.broker_pid] if state.kafka.broker_pid else []
+    (base / "spec.json").write_text(json.dumps(spec, indent=1))
+    log = base / "log.txt"
+    cmd = [sys.executable, "-m", "dispatchkit.bench_variants", str(base / "spec.json")]
+    m = measure(cmd, env=env, log=log, extra_pids=extra)
+    if m.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-12:]
+        raise RunError(
+            f"{plan.section}: {plan.label} failed (exit {m.returncode}); see {log}:\n  "
+            + "\n  ".join(tail)
+        )
+    outcome = json.loads((base / "outcome.json").read_text())
+    _check(state, plan, outcome)
+    shutil.rmtree(base / "run", ignore_errors=True)
+    return {
+        **outcome,
+        "outer_wall_s": m.wall_s,
+        "process_cpu_s": m.cpu_s,
+        "peak_rss_max_mb": m.peak_rss_max_mb,
+        "peak_rss_total_mb": m.peak_rss_total_mb,
+        "main_rss_mb": m.main_rss_mb,
+        "broker_rss_mb": max(m.extra_rss_mb.values(), default=None),
+        "processes": m.processes,
+    }
+
+
+def _check(state: _State, plan: Plan, outcome: Row) -> None:
+    """The run's results must equal the floor's (the floor runs first and is the reference)."""
+    ref = state.references.get(plan.section)
+    if plan.variant == "dispatcher":
+        if ref is not None and outcome["jobs"] != ref.height:
+            raise RunError(f"dispatcher cut {outcome['jobs']} jobs; the floor has {ref.height}")
+        return
+    if outcome["check"] is None:
+        raise RunError(f"{plan.section}: {plan.label} wrote no results")
+    got = pl.read_parquet(outcome["check"])
+    if ref is None:
+        state.references[plan.section] = got
+        return
+    compare_results(got, ref, f"{plan.section}: {plan.label}")
+    Path(outcome["check"]).unlink()
+
+
+def compare_results(got: pl.DataFrame, expected: pl.DataFrame, what: str) -> None:
+    """Raise :class:`RunError` unless ``got`` equals ``expected`` row for row."""
+    if got.equals(expected):
+        return
+    keys = ["country", "date_hour"]
+    missing = expected.join(got, on=keys, how="anti").height
+    extra = got.join(expected, on=keys, how="anti").height
+    both = got.join(expected, on=keys, suffix="_floor")
+    wrong = both.filter(
+        (pl.col("tests") != pl.col("tests_floor"))
+        | (pl.col("positives") != pl.col("positives_floor"))
+    )
+    first = wrong.row(0, named=True) if wrong.height else None
+    raise RunError(
+        f"{what}: results differ from the floor's — {got.height:,} keys vs {expected.height:,}, "
+        f"{missing:,} missing, {extra:,} extra, {wrong.height:,} with other counts"
+        + (f" (first: {first})" if first else "")
+    )
+
+
+def _aggregate(plan: Plan, samples: list[Row]) -> Row:
+    walls = [s["wall_s"] for s in samples]
+    median = statistics.median(walls)
+    phases: dict[str, float] = {}
+    for name in samples[0]["phases"]:
+        phases[name] = statistics.median(s["phases"].get(name, 0.0) for s in samples)
+    rates = [r for s in samples for r in s["worker_jobs_per_s"]]
+    brokers = [s["broker_rss_mb"] for s in samples if s["broker_rss_mb"] is not None]
+    return {
+        "section": plan.section,
+        "key": plan.key,
+        "variant": plan.label,
+        "task": plan.task,
+        "workers": plan.workers,
+        "rows": samples[0]["rows"],
+        "jobs": samples[0]["jobs"],
+        "repeats": len(samples),
+        "wall_s": walls,
+        "wall_median_s": median,
+        "wall_min_s": min(walls),
+        "wall_max_s": max(walls),
+        "rows_per_s": samples[0]["rows"] / median,
+        "jobs_per_s": samples[0]["jobs"] / median,
+        "cpu_s": statistics.median(s["cpu_s"] for s in samples),
+        "peak_rss_max_mb": max(s["peak_rss_max_mb"] for s in samples),
+        "peak_rss_total_mb": max(s["peak_rss_total_mb"] for s in samples),
+        "main_rss_mb": max(s["main_rss_mb"] for s in samples),
+        "broker_rss_mb": max(brokers) if brokers else None,
+        "phases": phases,
+        "worker_jobs_per_s": statistics.median(rates) if rates else None,
+        "extra": samples[0]["extra"],
+        "results_match": True,
+    }
+
+
+# -- Kafka broker -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _kafka(config: BenchConfig, say: Callable[[str], None]) -> Iterator[KafkaTarget | None]:
+    if not config.kafka:
+        yield None
+        return
+    if config.kafka_settings is not None:
+        s = config.kafka_settings
+        yield KafkaTarget(s, None, f"{s.bootstrap_servers} (given; broker memory not measured)")
+        return
+    script = REPO / "scripts" / "kafka"
+    if not script.is_file():
+        raise UsageError(
+            "no Kafka broker: give --bootstrap-servers (or DISPATCHKIT_BOOTSTRAP_SERVERS), "
+            "or --no-kafka (scripts/kafka is only in a source checkout)"
+        )
+    name = ["--name", BROKER_NAME]
+    running = subprocess.run([str(script), "status", *name], capture_output=True).returncode == 0
+    say("" if running else f"starting a local Kafka broker ({script} start --name {BROKER_NAME})")
+    started = subprocess.run(
+        [str(script), "start", *name, "--port", str(BROKER_PORT)], capture_output=True, text=True
+    )
+    if started.returncode != 0:
+        raise RunError(f"scripts/kafka start failed: {started.stderr.strip()[-500:]}")
+    servers = started.stdout.strip().splitlines()[-1]
+    pid = subprocess.run([str(script), "pid", *name], capture_output=True, text=True).stdout
+    settings = KafkaSettings(
+        servers, topic_prefix=config.topic_prefix, partitions=config.partitions
+    )
+    version = _kafka_version()
+    try:
+        yield KafkaTarget(
+            settings,
+            int(pid.strip()) if pid.strip().isdigit() else None,
+            f"Apache Kafka {version}, one local KRaft node (scripts/kafka, {servers})",
+        )
+    finally:
+        if not running:
+            subprocess.run([str(script), "stop", *name, "--purge"], capture_output=True)
+
+
+def _kafka_version() -> str:
+    pom = REPO / "scripts" / "kafka-pom.xml"
+    text = pom.read_text() if pom.is_file() else ""
+    start = text.find("<kafka.version>")
+    if start < 0:
+        return "?"
+    return text[start + len("<kafka.version>") : text.find("</kafka.version>")]

@@ -1,0 +1,360 @@
+"""The benchmark variants, each run by :mod:`dispatchkit.bench` in a process of its own.
+
+``python -m dispatchkit.bench_variants SPEC.json`` runs the variant the spec names and
+writes an :class:`Outcome` as JSON to the spec's ``outcome`` path. Libraries are imported
+before the clock starts; the clock stops once the results exist (in memory for the
+single-process variants, in ``results.parquet`` and the store for dispatchkit). Each
+variant that computes results writes ``(country, date_hour, tests, positives)`` to the
+spec's ``check`` path after the clock stops, for the parent to compare with the floor's.
+
+Variants:
+
+``floor``       one lazy Polars group-by over the three needed columns, vectorized Wilson;
+``pandas``      the monolith: ``pd.read_parquet`` of the whole file, then a group-by
+                ``apply`` calling the task's interval once per (country, hour);
+``embedded``    :func:`dispatchkit.runner.run_embedded`;
+``kafka``       :func:`dispatchkit.kafka_run.run_kafka` (its workers are ``dispatchkit
+                worker`` processes), then the per-worker rates read back from the results
+                topic;
+``dispatcher``  read, validate, cut and encode job batches with no transport at all;
+``kafka-staged`` dispatch everything to Kafka first, then start the workers and drain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from dispatchkit.stats import wilson_arrays
+from dispatchkit.task import get_task
+
+CHECK_COLUMNS = ("country", "date_hour", "tests", "positives")
+
+
+@dataclass
+class Outcome:
+    """What a variant reports back; ``wall_s`` and ``cpu_s`` cover the timed part only."""
+
+    variant: str
+    wall_s: float
+    cpu_s: float
+    rows: int
+    jobs: int
+    phases: dict[str, float] = field(default_factory=dict)
+    worker_jobs_per_s: list[float] = field(default_factory=list)
+    extra: dict[str, float] = field(default_factory=dict)
+    check: str | None = None
+    run_id: str = ""
+
+
+def normalize(df: pl.DataFrame) -> pl.DataFrame:
+    """The compared columns in one dtype and order, sorted by key."""
+    return df.select(
+        pl.col("country").cast(pl.String),
+        pl.col("date_hour").cast(pl.Datetime("us", "UTC")),
+        pl.col("tests").cast(pl.Int64),
+        pl.col("positives").cast(pl.Int64),
+    ).sort("country", "date_hour")
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+# -- single process ---------------------------------------------------------------------
+
+
+def floor(spec: dict[str, Any]) -> tuple[pl.DataFrame, dict[str, float]]:
+    df = (
+        pl.scan_parquet(spec["input"])
+        .group_by(
+            pl.col("country"),
+            pl.col("test_datetime").dt.truncate("1h").alias("date_hour"),
+        )
+        .agg(
+            pl.len().alias("tests"),
+            (pl.col("result") == "positive").sum().alias("positives"),
+        )
+        .sort("country", "date_hour")
+        .collect(engine="streaming")
+    )
+    low, high = wilson_arrays(df["positives"].to_numpy(), df["tests"].to_numpy())
+    df = df.with_columns(
+        (pl.col("positives") / pl.col("tests")).alias("positive_rate"),
+        pl.Series("ci_low", low),
+        pl.Series("ci_high", high),
+    )
+    return df, {}
+
+
+def pandas_monolith(spec: dict[str, Any]) -> tuple[pl.DataFrame, dict[str, float]]:
+    import pandas as pd
+
+    interval = get_task(spec["task"]).interval
+    t0 = time.perf_counter()
+    frame = pd.read_parquet(spec["input"])
+    load = time.perf_counter() - t0
+    frame["date_hour"] = frame["test_datetime"].dt.floor("h")
+
+    def rate(results: pd.Series) -> tuple[int, int, float, float, float]:
+        tests = len(results)
+        positives = int((results == "positive").sum())
+        low, high = interval(positives, tests, str(results.name))
+        return (tests, positives, positives / tests, low, high)
+
+    per_key = frame.groupby(["country", "date_hour"], sort=True)["result"].apply(rate)
+    out = pd.DataFrame(
+        per_key.tolist(),
+        index=per_key.index,
+        columns=["tests", "positives", "positive_rate", "ci_low", "ci_high"],
+    ).reset_index()
+    return pl.from_pandas(out), {"load": load, "groupby_apply": time.perf_counter() - t0 - load}
+
+
+# -- dispatchkit ------------------------------------------------------------------------
+
+
+def _run_spec(spec: dict[str, Any]) -> Any:
+    from dispatchkit.runner import RunSpec
+
+    return RunSpec(
+        input=spec["input"],
+        out=Path(spec["run_dir"]),
+        run_id=f"bench-{uuid.uuid4().hex[:12]}",
+        task=spec["task"],
+        workers=spec["workers"],
+        report=False,
+        quiet=True,
+    )
+
+
+def _settings(spec: dict[str, Any]) -> Any:
+    from dispatchkit.config import load_settings
+
+    # Servers and librdkafka options come in the environment, as workers get them.
+    return load_settings(
+        bootstrap_servers=None,
+        options=[],
+        config_file=None,
+        topic_prefix=spec["topic_prefix"],
+        partitions=spec["partitions"],
+    )
+
+
+def embedded(spec: dict[str, Any]) -> Outcome:
+    from dispatchkit.runner import run_embedded
+
+    summary = run_embedded(_run_spec(spec))
+    _require_complete(summary)
+    return Outcome(
+        "embedded",
+        0.0,
+        0.0,
+        summary.rows_valid,
+        summary.jobs_done,
+        dict(summary.seconds),
+        run_id=summary.run_id,
+    )
+
+
+def kafka(spec: dict[str, Any]) -> Outcome:
+    from dispatchkit.kafka_run import run_kafka
+
+    settings = _settings(spec)
+    run_spec = _run_spec(spec)
+    summary = run_kafka(run_spec, settings)
+    _require_complete(summary)
+    return Outcome(
+        "kafka",
+        0.0,
+        0.0,
+        summary.rows_valid,
+        summary.jobs_done,
+        dict(summary.seconds),
+        run_id=summary.run_id,
+    )
+
+
+def kafka_staged(spec: dict[str, Any]) -> Outcome:
+    from dispatchkit.kafka_run import collect, dispatch, spawn_worker
+
+    settings = _settings(spec)
+    run_spec = _run_spec(spec)
+    t0 = time.perf_counter()
+    sent = dispatch(run_spec, settings)
+    t_dispatch = time.perf_counter() - t0
+    procs = [
+        spawn_worker(settings, f"{os.getpid()}-{i}", "--attempts", "3")
+        for i in range(spec["workers"])
+    ]
+    try:
+        summary = collect(settings, sent.run_id, run_spec.out, report=False)
+    finally:
+        _stop(procs)
+    _require_complete(summary)
+    phases = {"dispatch": t_dispatch, "drain": time.perf_counter() - t0 - t_dispatch}
+    return Outcome(
+        "kafka-staged",
+        0.0,
+        0.0,
+        sent.rows_valid,
+        summary.jobs_done,
+        phases,
+        run_id=sent.run_id,
+    )
+
+
+def dispatcher_only(spec: dict[str, Any]) -> Outcome:
+    from dispatchkit.dispatcher import Dispatcher
+    from dispatchkit.message import encode
+    from dispatchkit.runner import prepare
+
+    run_spec = _run_spec(spec)
+    t0 = time.perf_counter()
+    prep = prepare(run_spec)
+    t_prepare = time.perf_counter() - t0
+    with prep.reader:
+        d = Dispatcher(prep.reader, run_id=prep.run_id, task=run_spec.task)
+        nbytes = sum(len(encode(batch)) for batch in d.batches())
+    if d.stats.rows_cut != prep.counts.rows_valid:
+        raise SystemExit(f"dispatcher cut {d.stats.rows_cut} of {prep.counts.rows_valid} rows")
+    phases = {"prepare": t_prepare, "cut_encode": time.perf_counter() - t0 - t_prepare}
+    extra = {"batches": float(d.stats.batches), "bytes": float(nbytes)}
+    return Outcome("dispatcher", 0.0, 0.0, d.stats.rows_cut, d.stats.jobs, phases, extra=extra)
+
+
+def _require_complete(summary: Any) -> None:
+    if summary.status != "complete":
+        raise SystemExit(f"run {summary.run_id} ended {summary.status}: {summary.failed_jobs[:3]}")
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+def worker_rates(spec: dict[str, Any], run_id: str) -> list[float]:
+    """Jobs/s of each worker while it worked, from its result records' timestamps.
+
+    A worker's span runs from its first to its last result record (CreateTime, set
+    when the worker produced it), so start-up and group joining are left out; the jobs
+    of its first batch, finished before the span opens, are left out too.
+    """
+    from dispatchkit.brokers.kafka import H_RUN, headers_of, scan
+    from dispatchkit.message import ResultBatch, decode
+
+    settings = _settings(spec)
+    seen: dict[str, list[tuple[float, int]]] = {}
+    for msg in scan(settings, settings.results_topic):
+        if headers_of(msg).get(H_RUN) != run_id:
+            continue
+        rb = decode(msg.value(), ResultBatch)
+        seen.setdefault(rb.worker, []).append((msg.timestamp()[1] / 1000.0, len(rb.results)))
+    rates = []
+    for stamps in seen.values():
+        stamps.sort()
+        span = stamps[-1][0] - stamps[0][0]
+        if len(stamps) > 1 and span > 0:
+            rates.append(sum(n for _, n in stamps[1:]) / span)
+    return sorted(rates, reverse=True)
+
+
+def delete_topics(spec: dict[str, Any]) -> None:
+    """Drop the run's topics (best effort): a shared cluster should not fill up."""
+    from confluent_kafka.admin import AdminClient
+
+    settings = _settings(spec)
+    admin = AdminClient(settings.client_config())
+    topics = [
+        settings.jobs_topic,
+        settings.results_topic,
+        settings.manifests_topic,
+        settings.dlq_topic,
+    ]
+    for fut in admin.delete_topics(topics, operation_timeout=30).values():
+        try:
+            fut.result(30)
+        except Exception as exc:  # cleanup only: never fail the bench
+            print(f"could not delete a bench topic: {exc}", file=sys.stderr)
+
+
+# -- entry point ------------------------------------------------------------------------
+
+SINGLE: dict[str, Callable[[dict[str, Any]], tuple[pl.DataFrame, dict[str, float]]]] = {
+    "floor": floor,
+    "pandas": pandas_monolith,
+}
+DISPATCHKIT: dict[str, Callable[[dict[str, Any]], Outcome]] = {
+    "embedded": embedded,
+    "kafka": kafka,
+    "kafka-staged": kafka_staged,
+    "dispatcher": dispatcher_only,
+}
+
+
+def run_variant(spec: dict[str, Any]) -> Outcome:
+    """Run and time the variant ``spec["variant"]``; write its check file."""
+    name = spec["variant"]
+    check = Path(spec["check"])
+    if name in SINGLE:
+        c0, t0 = _cpu(), time.perf_counter()
+        df, phases = SINGLE[name](spec)
+        wall, cpu = time.perf_counter() - t0, _cpu() - c0
+        normalize(df).write_parquet(check)
+        rows = int(pl.scan_parquet(spec["input"]).select(pl.len()).collect().item())
+        return Outcome(name, wall, cpu, rows, df.height, phases, check=str(check))
+    c0, t0 = _cpu(), time.perf_counter()
+    outcome = DISPATCHKIT[name](spec)
+    outcome.wall_s, outcome.cpu_s = time.perf_counter() - t0, _cpu() - c0
+    results = Path(spec["run_dir"]) / "results.parquet"
+    if results.exists():
+        normalize(pl.read_parquet(results)).write_parquet(check)
+        outcome.check = str(check)
+    if name in ("kafka", "kafka-staged"):
+        outcome.worker_jobs_per_s = worker_rates(spec, outcome.run_id)
+        delete_topics(spec)
+    return outcome
+
+
+def _preload(name: str) -> None:
+    """Import what the variant needs before its clock starts."""
+    if name == "pandas":
+        import pandas  # noqa: F401
+    elif name in DISPATCHKIT:
+        import dispatchkit.dispatcher
+        import dispatchkit.runner
+        import dispatchkit.store
+
+        if name.startswith("kafka"):
+            import dispatchkit.kafka_run  # noqa: F401
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    _preload(spec["variant"])
+    outcome = run_variant(spec)
+    Path(spec["outcome"]).write_text(json.dumps(asdict(outcome)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,605 @@
+"""Exact results through crashes (issue #4): fault injection against real Kafka brokers.
+
+Every scenario runs a real pipeline — dispatcher, worker processes, collector — injects
+one kind of fault, and then checks the same three things:
+
+* ``results.parquet`` equals the independent reference (a plain DuckDB group-by),
+* every job part has exactly one *committed* result record on the results topic,
+* the tests of all jobs add up to the valid input rows.
+
+Worker faults use the shared test broker (each test has its own topics and groups).
+Broker faults — restart, freeze, the loss of one of three brokers — use brokers of their
+own, started here with ``scripts/kafka`` and purged afterwards, so the shared broker is
+never touched. The only timed assertion is the SIGTERM deadline of the scale-in test.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from dispatchkit.config import KafkaSettings
+from dispatchkit.kafka_run import collect, dispatch, worker_group
+from dispatchkit.runner import RunSpec, RunSummary, run_embedded
+
+from .conftest import reference
+from .fault_helpers import (
+    Fleet,
+    OwnKafka,
+    assert_run_exact,
+    committed_result_records,
+    make_input,
+    python_cli,
+    spawn,
+    store_duplicates,
+    store_parts,
+    uncommitted_result_records,
+    wait_for,
+)
+from .kafka_helpers import kafka_args, new_settings
+
+pytestmark = pytest.mark.kafka
+
+#: Seconds a collector may go without progress before it gives up. A worker killed
+#: without a restart leaves a transaction open that the broker aborts only after the
+#: worker's transaction.timeout.ms (60 s): its partitions wait that long.
+COLLECT_TIMEOUT = 150
+
+
+# -- fixtures ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30,000 rows, 20 countries × 15 days: about 5,600 jobs in 300 job batches."""
+    return make_input(
+        tmp_path_factory.mktemp("faults") / "in300.parquet", rows=30_000, days=15, seed=404
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One country over 3 days: 3 job batches (for long jobs)."""
+    return make_input(
+        tmp_path_factory.mktemp("faults") / "tiny.parquet", rows=600, days=3, countries=1
+    )
+
+
+@pytest.fixture(scope="module")
+def own_single() -> Iterator[OwnKafka]:
+    kafka = OwnKafka(brokers=1)
+    kafka.start()
+    try:
+        yield kafka
+    finally:
+        kafka.purge()
+
+
+@pytest.fixture
+def single(own_single: OwnKafka) -> OwnKafka:
+    """The module's own broker, running (a failed test may have left it stopped)."""
+    if not own_single.running():
+        own_single.start()
+    return own_single
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[OwnKafka]:
+    kafka = OwnKafka(brokers=3)
+    kafka.start()
+    try:
+        yield kafka
+    finally:
+        kafka.purge()
+
+
+# -- the pipeline -----------------------------------------------------------------------
+
+
+ProgressHook = Callable[[int, int], None]
+
+
+def collect_with(
+    settings: KafkaSettings,
+    run_id: str,
+    out: Path,
+    *,
+    on_progress: ProgressHook | None = None,
+    on_tick: Callable[[], None] | None = None,
+) -> RunSummary:
+    return collect(
+        settings,
+        run_id,
+        out,
+        report=False,
+        timeout=COLLECT_TIMEOUT,
+        on_progress=on_progress,
+        on_tick=on_tick,
+    )
+
+
+def at_half(action: Callable[[], None]) -> tuple[ProgressHook, list[float]]:
+    """An ``on_progress`` hook that runs ``action`` once, when half of the jobs are done."""
+    fired: list[float] = []
+
+    def hook(done: int, total: int) -> None:
+        if not fired and done >= total / 2:
+            fired.append(done / total)
+            action()
+
+    return hook, fired
+
+
+def in_background(action: Callable[[], None]) -> tuple[Callable[[], None], list[BaseException]]:
+    """Run ``action`` on a thread (so the collector lives through the fault, not beside it)."""
+    errors: list[BaseException] = []
+    threads: list[threading.Thread] = []
+
+    def go() -> None:
+        try:
+            action()
+        except BaseException as exc:
+            errors.append(exc)
+
+    def start() -> None:
+        t = threading.Thread(target=go, daemon=True)
+        threads.append(t)
+        t.start()
+
+    return start, errors
+
+
+def dispatch_quiet(data: Path, out: Path, run_id: str, settings: KafkaSettings) -> RunSummary:
+    return dispatch(RunSpec(input=str(data), out=out, run_id=run_id, report=False), settings)
+
+
+def end_offsets(settings: KafkaSettings, topic: str) -> int:
+    """Sum of a topic's high watermarks (records plus transaction markers)."""
+    c = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "faults-probe"})
+    try:
+        md = c.list_topics(topic, timeout=10).topics[topic]
+        return sum(
+            c.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
+            for p in md.partitions
+        )
+    finally:
+        c.close()
+
+
+def worker_done_batches(log: str) -> list[int]:
+    """Batches each run of a worker reported on exit (``worker done: N batches``)."""
+    return [int(n.replace(",", "")) for n in re.findall(r"worker done: ([\d,]+) batches", log)]
+
+
+# -- workers crash ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill_one_of_three_workers_mid_run(data: Path, tmp_path: Path) -> None:
+    """kill -9 one worker at ~50%, no restart: the other two take over its partitions."""
+    settings = new_settings()
+    fleet = Fleet(settings, tmp_path / "logs", env={"DISPATCHKIT_TEST_FAULTS": "slow:0.05"})
+    dispatch_quiet(data, tmp_path, "kill1", settings)
+    fleet.start_many(3)
+    hook, fired = at_half(lambda: fleet.kill("w1"))
+    try:
+        summary = collect_with(settings, "kill1", tmp_path, on_progress=hook)
+    finally:
+        codes = fleet.terminate()
+    assert fired, "the run finished before the kill"
+    assert summary.status == "complete", fleet.tails()
+    assert codes == {"w0": 0, "w1": -signal.SIGKILL, "w2": 0}, fleet.tails()
+    assert_run_exact(data, tmp_path, "kill1", settings)
+
+
+def test_kill_all_workers_and_restart_them(data: Path, tmp_path: Path) -> None:
+    """kill -9 every worker at ~50%, restart the same worker ids: the run resumes."""
+    settings = new_settings()
+    fleet = Fleet(settings, tmp_path / "logs", env={"DISPATCHKIT_TEST_FAULTS": "slow:0.05"})
+    dispatch_quiet(data, tmp_path, "killall", settings)
+    ids = fleet.start_many(3)
+
+    def kill_all() -> None:
+        for wid in ids:
+            fleet.kill(wid)
+        for wid in ids:
+            fleet.restart(wid)
+
+    hook, fired = at_half(kill_all)
+    try:
+        summary = collect_with(settings, "killall", tmp_path, on_progress=hook)
+    finally:
+        codes = fleet.terminate()
+    assert fired and fleet.kills == 3
+    assert summary.status == "complete", fleet.tails()
+    assert set(codes.values()) == {0}, fleet.tails()
+    assert_run_exact(data, tmp_path, "killall", settings)
+
+
+@pytest.mark.slow
+def test_kill_storm(data: Path, tmp_path: Path) -> None:
+    """kill -9 a random worker every 3 s (at least 5 kills), restarting each at once."""
+    settings = new_settings()
+    fleet = Fleet(settings, tmp_path / "logs", env={"DISPATCHKIT_TEST_FAULTS": "slow:0.15"})
+    dispatch_quiet(data, tmp_path, "storm", settings)
+    ids = fleet.start_many(3)
+    rng = random.Random(4)
+    victims: list[str] = []
+    state = {"next": 0.0, "done": 0, "total": 1}
+
+    def on_progress(done: int, total: int) -> None:
+        state["done"], state["total"] = done, total
+
+    def on_tick() -> None:
+        now = time.monotonic()
+        started = state["done"] > 0
+        if started and len(victims) < 6 and now >= state["next"]:
+            wid = rng.choice(ids)
+            victims.append(wid)
+            fleet.kill(wid)
+            fleet.restart(wid)
+            state["next"] = now + 3.0
+
+    try:
+        summary = collect_with(
+            settings, "storm", tmp_path, on_progress=on_progress, on_tick=on_tick
+        )
+    finally:
+        codes = fleet.terminate()
+    assert len(victims) >= 5, f"only {len(victims)} kills before the run completed"
+    assert summary.status == "complete", fleet.tails()
+    assert set(codes.values()) == {0}, fleet.tails()
+    assert_run_exact(data, tmp_path, "storm", settings)
+
+
+def test_crash_inside_a_transaction(data: Path, tmp_path: Path) -> None:
+    """A worker dies after producing results, before committing: they are never seen."""
+    settings = new_settings()
+    fleet = Fleet(settings, tmp_path / "logs", env={"DISPATCHKIT_TEST_FAULTS": "slow:0.05"})
+    dispatch_quiet(data, tmp_path, "txn", settings)
+    fleet.start("w0")
+    fleet.start("w1", env={"DISPATCHKIT_TEST_FAULTS": "slow:0.05,crash:worker.after_produce@25"})
+    crashes: list[int] = []
+
+    def supervise() -> None:
+        code = fleet.procs["w1"].poll()
+        if code is not None and not crashes:
+            crashes.append(code)
+            fleet.restart("w1")  # same worker id: fences the dead one, aborting its transaction
+
+    try:
+        summary = collect_with(settings, "txn", tmp_path, on_tick=supervise)
+    finally:
+        codes = fleet.terminate()
+    assert crashes == [137], fleet.tails()
+    assert summary.status == "complete", fleet.tails()
+    assert set(codes.values()) == {0}, fleet.tails()
+    counts = assert_run_exact(data, tmp_path, "txn", settings)
+    assert counts is not None
+    committed = committed_result_records(settings, "txn")
+    # The aborted transaction's records are in the log, but only read_uncommitted sees them.
+    assert uncommitted_result_records(settings, "txn") > committed
+
+
+# -- the collector and the dispatcher crash ---------------------------------------------
+
+
+def test_collector_crash_after_store_write(data: Path, tmp_path: Path) -> None:
+    """The collector dies between storing results and committing offsets; a rerun stores the
+    re-read results once."""
+    settings = new_settings()
+    fleet = Fleet(settings, tmp_path / "logs", env={"DISPATCHKIT_TEST_FAULTS": "slow:0.03"})
+    dispatch_quiet(data, tmp_path, "coll", settings)
+    fleet.start_many(2)
+    try:
+        crashed = spawn(
+            [
+                "collect",
+                *kafka_args(settings),
+                "--run-id",
+                "coll",
+                "--out",
+                str(tmp_path),
+                "--no-report",
+                "-q",
+            ],
+            tmp_path / "collect-1.log",
+            {"DISPATCHKIT_TEST_FAULTS": "crash:collector.after_store@2"},
+        )
+        assert crashed.wait(180) == 137, (tmp_path / "collect-1.log").read_text()
+        stored_before = store_parts(tmp_path, "coll")
+        assert stored_before > 0
+        summary = collect_with(settings, "coll", tmp_path)
+    finally:
+        codes = fleet.terminate()
+    assert summary.status == "complete", fleet.tails()
+    assert set(codes.values()) == {0}, fleet.tails()
+    # What was stored but not committed was read again and ignored by the upsert.
+    assert summary.duplicates_ignored > 0
+    assert store_duplicates(tmp_path, "coll") == 0
+    assert store_parts(tmp_path, "coll") == reference(data).height
+    assert_run_exact(data, tmp_path, "coll", settings)
+
+
+def test_dispatcher_crash_mid_publish_and_rerun(data: Path, tmp_path: Path) -> None:
+    """The dispatcher dies after 150 of 300 batches; the rerun publishes only the rest."""
+    settings = new_settings()
+    fleet = Fleet(settings, tmp_path / "logs", env={"DISPATCHKIT_TEST_FAULTS": "slow:0.02"})
+    fleet.start_many(2)
+    args = ["dispatch", str(data), *kafka_args(settings), "--run-id", "disp"]
+    args += ["--out", str(tmp_path), "-q"]
+    try:
+        first = spawn(
+            args,
+            tmp_path / "dispatch-1.log",
+            {"DISPATCHKIT_TEST_FAULTS": "crash:dispatch.mid_publish@150"},
+        )
+        assert first.wait(120) == 137, (tmp_path / "dispatch-1.log").read_text()
+        second = subprocess.run(
+            python_cli(*args[:-1]), capture_output=True, text=True, timeout=120, check=False
+        )
+        assert second.returncode == 0, second.stderr
+        sent_now, already = map(
+            lambda s: int(s.replace(",", "")),
+            re.search(
+                r"\(([\d,]+) published now, ([\d,]+) already there\)", second.stdout
+            ).groups(),  # type: ignore[union-attr]
+        )
+        summary = collect_with(settings, "disp", tmp_path)
+    finally:
+        codes = fleet.terminate()
+    jobs = reference(data).height
+    assert already > 0 and sent_now > 0
+    assert summary.status == "complete", fleet.tails()
+    assert set(codes.values()) == {0}, fleet.tails()
+    assert_run_exact(data, tmp_path, "disp", settings)
+    # No job part was published twice, so none was computed twice.
+    published = job_parts_published(settings, "disp")
+    assert len(published) == jobs and max(published.values()) == 1
+
+
+def job_parts_published(settings: KafkaSettings, run_id: str) -> dict[tuple[str, int], int]:
+    import msgpack
+
+    from .kafka_helpers import read_all
+
+    counts: dict[tuple[str, int], int] = {}
+    for msg in read_all(settings, settings.jobs_topic):
+        batch = msgpack.unpackb(msg.value())  # type: ignore[attr-defined]
+        if batch["run_id"] != run_id:
+            continue
+        for job in batch["jobs"]:
+            key = (job["job_id"], job["part"])
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+# -- brokers fail -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_broker_restart_mid_run(data: Path, tmp_path: Path, single: OwnKafka) -> None:
+    """Stop the (only) broker at ~50% and start it again: no worker exits, results exact."""
+    settings = new_settings(single.bootstrap)
+    fleet = Fleet(settings, tmp_path / "logs", env={"DISPATCHKIT_TEST_FAULTS": "slow:0.05"})
+    dispatch_quiet(data, tmp_path, "brestart", settings)
+    fleet.start_many(3)
+
+    def bounce() -> None:
+        single.stop_node(1)
+        time.sleep(3)
+        single.start_node(1)
+
+    start, errors = in_background(bounce)
+    hook, fired = at_half(start)
+    try:
+        summary = collect_with(settings, "brestart", tmp_path, on_progress=hook)
+        assert fleet.exited() == {}, fleet.tails()
+    finally:
+        codes = fleet.terminate()
+    assert fired and not errors, errors
+    assert summary.status == "complete", fleet.tails()
+    assert codes == {"w0": 0, "w1": 0, "w2": 0}, fleet.tails()
+    assert_run_exact(data, tmp_path, "brestart", settings)
+
+
+@pytest.mark.slow
+def test_broker_freeze(data: Path, tmp_path: Path, single: OwnKafka) -> None:
+    """SIGSTOP the broker for 15 s at ~50%, then SIGCONT: the run completes, exactly."""
+    settings = new_settings(single.bootstrap)
+    fleet = Fleet(settings, tmp_path / "logs", env={"DISPATCHKIT_TEST_FAULTS": "slow:0.05"})
+    dispatch_quiet(data, tmp_path, "freeze", settings)
+    fleet.start_many(3)
+
+    def freeze() -> None:
+        pid = single.pid(1)
+        import os
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(15)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    start, errors = in_background(freeze)
+    hook, fired = at_half(start)
+    try:
+        summary = collect_with(settings, "freeze", tmp_path, on_progress=hook)
+        exited = fleet.exited()
+    finally:
+        codes = fleet.terminate()
+    assert fired and not errors, errors
+    assert summary.status == "complete", fleet.tails()
+    assert exited == {}, fleet.tails()
+    assert codes == {"w0": 0, "w1": 0, "w2": 0}, fleet.tails()
+    assert_run_exact(data, tmp_path, "freeze", settings)
+
+
+@pytest.mark.slow
+def test_broker_loss_in_a_three_broker_cluster(
+    data: Path, tmp_path: Path, cluster: OwnKafka
+) -> None:
+    """RF 3, min ISR 2: kill -9 the workers' group coordinator at ~50%; the run goes on."""
+    settings = KafkaSettings(
+        bootstrap_servers=cluster.bootstrap,
+        topic_prefix=new_settings(cluster.bootstrap).topic_prefix,
+        partitions=6,
+        replication_factor=3,
+    )
+    fleet = Fleet(settings, tmp_path / "logs", env={"DISPATCHKIT_TEST_FAULTS": "slow:0.05"})
+    dispatch_quiet(data, tmp_path, "cluster", settings)
+    rf = topic_replication(settings)
+    assert set(rf.values()) == {3}, rf
+    fleet.start_many(3)
+    victim: list[int] = []
+
+    def kill_coordinator() -> None:
+        node = group_coordinator(settings, worker_group(settings))
+        victim.append(node)
+        import os
+
+        os.kill(cluster.pid(node), signal.SIGKILL)
+
+    hook, fired = at_half(kill_coordinator)
+    try:
+        summary = collect_with(settings, "cluster", tmp_path, on_progress=hook)
+        exited = fleet.exited()
+    finally:
+        codes = fleet.terminate()
+    assert fired and victim, "the run finished before the kill"
+    assert summary.status == "complete", fleet.tails()
+    assert exited == {}, fleet.tails()
+    assert set(codes.values()) == {0}, fleet.tails()
+    assert_run_exact(data, tmp_path, "cluster", settings)
+
+
+def topic_replication(settings: KafkaSettings) -> dict[str, int]:
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    md = admin.list_topics(timeout=10).topics
+    return {
+        name: min(len(p.replicas) for p in t.partitions.values())
+        for name, t in md.items()
+        if name.startswith(settings.topic_prefix + ".")
+    }
+
+
+def group_coordinator(settings: KafkaSettings, group: str) -> int:
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    desc = admin.describe_consumer_groups([group])[group].result(10)
+    return int(desc.coordinator.id)
+
+
+# -- long jobs and scale-in -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_job_longer_than_max_poll_interval(tiny: Path, tmp_path: Path) -> None:
+    """Each job takes 8 s, max.poll.interval.ms is 6 s: the worker stays in its group and
+    every job has exactly one result."""
+    settings = new_settings()
+    fleet = Fleet(
+        settings,
+        tmp_path / "logs",
+        "--max-poll-interval-ms",
+        "6000",
+        env={"DISPATCHKIT_TEST_FAULTS": "slow:8"},
+    )
+    sent = dispatch_quiet(tiny, tmp_path, "long", settings)
+    assert sent.batches == 3
+    fleet.start("w0")
+    try:
+        summary = collect_with(settings, "long", tmp_path)
+    finally:
+        codes = fleet.terminate()
+    log = fleet.log("w0").read_text()
+    assert summary.status == "complete", log
+    assert codes == {"w0": 0}, log
+    assert_run_exact(tiny, tmp_path, "long", settings)
+    # Each batch ran once: no rebalance took a partition away mid-job.
+    assert worker_done_batches(log) == [3], log
+    assert log.count("long job at") == 3, log
+    assert " lost " not in log and "aborting" not in log, log
+    assert uncommitted_result_records(settings, "long") == 3
+
+
+def test_sigterm_mid_job_finishes_the_job_and_exits(tiny: Path, tmp_path: Path) -> None:
+    """Scale in: SIGTERM a worker in the middle of a 3 s job; it finishes, commits, leaves."""
+    settings = new_settings()
+    fleet = Fleet(settings, tmp_path / "logs", env={"DISPATCHKIT_TEST_FAULTS": "slow:3"})
+    dispatch_quiet(tiny, tmp_path, "scalein", settings)
+    fleet.start("w0")
+    stopped: dict[str, float] = {}
+    try:
+        wait_for(lambda: "long job at" in fleet.log("w0").read_text(), 60, "w0 to start a job")
+        fleet.start("w1")
+        time.sleep(1.0)  # well inside the 3 s job
+        t0 = time.monotonic()
+        fleet.procs["w0"].send_signal(signal.SIGTERM)
+        code = fleet.procs["w0"].wait(30)
+        stopped["seconds"] = time.monotonic() - t0
+        summary = collect_with(settings, "scalein", tmp_path)
+    finally:
+        codes = fleet.terminate()
+    log = fleet.log("w0").read_text()
+    assert code == 0, log
+    assert stopped["seconds"] <= 3 + 5, f"took {stopped['seconds']:.1f} s to stop"
+    # It finished the job it was in the middle of and committed it.
+    assert worker_done_batches(log) and worker_done_batches(log)[0] >= 1, log
+    assert summary.status == "complete", fleet.tails()
+    assert codes == {"w0": 0, "w1": 0}
+    assert_run_exact(tiny, tmp_path, "scalein", settings)
+
+
+# -- reruns -----------------------------------------------------------------------------
+
+
+def test_rerun_of_a_complete_embedded_run_does_nothing(data: Path, tmp_path: Path) -> None:
+    spec = RunSpec(input=str(data), out=tmp_path, run_id="again", workers=2, report=False)
+    first = run_embedded(spec)
+    assert first.status == "complete"
+    parts = store_parts(tmp_path, "again")
+    second = run_embedded(spec)
+    assert second.status == "complete"
+    assert second.jobs_sent == 0 and second.jobs_skipped == first.jobs
+    assert store_parts(tmp_path, "again") == parts
+    assert second.duplicates_ignored == 0
+    assert_run_exact(data, tmp_path, "again")
+
+
+def test_rerun_of_a_complete_kafka_run_does_nothing(data: Path, tmp_path: Path) -> None:
+    settings = new_settings()
+    fleet = Fleet(settings, tmp_path / "logs")
+    dispatch_quiet(data, tmp_path, "again", settings)
+    fleet.start_many(2)
+    try:
+        first = collect_with(settings, "again", tmp_path)
+        assert first.status == "complete", fleet.tails()
+        parts = store_parts(tmp_path, "again")
+        jobs_end = end_offsets(settings, settings.jobs_topic)
+        results_end = end_offsets(settings, settings.results_topic)
+
+        again = dispatch_quiet(data, tmp_path, "again", settings)
+        second = collect_with(settings, "again", tmp_path)
+        time.sleep(2)  # give the workers a chance to (wrongly) do something
+        assert end_offsets(settings, settings.jobs_topic) == jobs_end
+        assert end_offsets(settings, settings.results_topic) == results_end
+    finally:
+        codes = fleet.terminate()
+    assert set(codes.values()) == {0}, fleet.tails()
+    assert again.jobs_sent == 0 and again.jobs_skipped == first.jobs
+    assert second.status == "complete"
+    assert second.duplicates_ignored == 0
+    assert store_parts(tmp_path, "again") == parts
+    assert_run_exact(data, tmp_path, "again", settings)
+    assert pl.read_parquet(tmp_path / "results.parquet")["job_id"].n_unique() == first.jobs

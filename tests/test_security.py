@@ -1,0 +1,177 @@
+"""Secrets: SCRAM on a real broker, and no password in any output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from dispatchkit.cli import build_parser
+from dispatchkit.config import Secret, load_settings, redact
+from dispatchkit.errors import UsageError
+
+from .conftest import IN_CI, assert_exact, reference
+from .kafka_helpers import REPO
+
+PASSWORD = "s3cr3t-Pa55w0rd-xyzzy"
+USER = "dkuser"
+SCRAM_PORT = 36092
+
+
+@pytest.fixture(scope="module")
+def scram_broker() -> Iterator[str]:
+    if not os.environ.get("DISPATCHKIT_BOOTSTRAP_SERVERS") and not IN_CI:
+        pytest.skip("Kafka tests run with `make test`")
+    env = dict(os.environ, KAFKA_SCRAM_PASSWORD=PASSWORD)
+    proc = subprocess.run(
+        [
+            str(REPO / "scripts" / "kafka"),
+            "start",
+            "--name",
+            "scramtest",
+            "--port",
+            str(SCRAM_PORT),
+            "--scram",
+            USER,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert PASSWORD not in proc.stdout + proc.stderr
+    try:
+        yield proc.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run(
+            [str(REPO / "scripts" / "kafka"), "stop", "--name", "scramtest", "--purge"],
+            capture_output=True,
+            timeout=120,
+        )
+
+
+def sasl_env(password: str) -> dict[str, str]:
+    return dict(
+        os.environ,
+        DISPATCHKIT_KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT",
+        DISPATCHKIT_KAFKA_SASL_MECHANISM="SCRAM-SHA-256",
+        DISPATCHKIT_KAFKA_SASL_USERNAME=USER,
+        DISPATCHKIT_KAFKA_SASL_PASSWORD=password,
+    )
+
+
+@pytest.mark.kafka
+def test_scram_right_password_runs_wrong_password_fails_fast(
+    scram_broker: str, small_parquet: Path, tmp_path: Path
+) -> None:
+    env = sasl_env(PASSWORD)
+    env.pop("DISPATCHKIT_BOOTSTRAP_SERVERS", None)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dispatchkit",
+            "run",
+            str(small_parquet),
+            "--out",
+            str(tmp_path),
+            "--broker",
+            "kafka",
+            "-b",
+            scram_broker,
+            "--workers",
+            "2",
+            "--topic-prefix",
+            "sec",
+            "-vv",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert_exact(pl.read_parquet(tmp_path / "results.parquet"), reference(small_parquet))
+
+    wrong = "not-the-" + PASSWORD
+    t0 = time.monotonic()
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dispatchkit",
+            "dispatch",
+            str(small_parquet),
+            "--out",
+            str(tmp_path / "bad"),
+            "-b",
+            scram_broker,
+            "--topic-prefix",
+            "sec2",
+            "-vv",
+        ],
+        capture_output=True,
+        text=True,
+        env=sasl_env(wrong),
+        timeout=60,
+    )
+    took = time.monotonic() - t0
+    assert bad.returncode == 3
+    assert "authentication failed" in bad.stderr.lower()
+    assert took < 15 + 10  # the 15 s budget plus interpreter start-up on a busy machine
+    everything = ok.stdout + ok.stderr + bad.stdout + bad.stderr
+    assert everything.count(PASSWORD) == 0
+    assert PASSWORD not in " ".join(Path(tmp_path).rglob("*").__repr__())
+
+
+def test_secrets_never_print(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "kafka.properties"
+    cfg.write_text(
+        f"security.protocol=SASL_SSL\nsasl.password={PASSWORD}\nssl.key.password={PASSWORD}2\n"
+    )
+    settings = load_settings(
+        bootstrap_servers="h:1",
+        options=["sasl.username=u"],
+        config_file=str(cfg),
+        topic_prefix="p",
+        partitions=3,
+        environ={"DISPATCHKIT_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": "tok3n"},
+    )
+    shown = repr(settings) + str(settings.describe()) + str(settings.options)
+    assert PASSWORD not in shown and "tok3n" not in shown
+    assert settings.client_config()["sasl.password"] == PASSWORD
+    assert isinstance(settings.options["sasl.password"], Secret)
+    assert redact(f"boom {PASSWORD} boom", settings.secrets()) == "boom *** boom"
+    assert settings.redact(f"x{PASSWORD}2y") == "x***y"
+    build_parser().format_help()
+    with pytest.raises(UsageError) as err:
+        load_settings(
+            bootstrap_servers="h:1",
+            options=[f"{PASSWORD}"],
+            config_file=None,
+            topic_prefix="p",
+            partitions=1,
+            environ={},
+        )
+    assert PASSWORD not in str(err.value)
+
+
+def test_help_shows_no_secret_from_the_environment() -> None:
+    env = dict(os.environ, DISPATCHKIT_KAFKA_SASL_PASSWORD=PASSWORD)
+    for cmd in ("run", "worker", "dispatch", "collect", "status", "dlq"):
+        out = subprocess.run(
+            [sys.executable, "-m", "dispatchkit", cmd, "--help"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert out.returncode == 0
+        assert PASSWORD not in out.stdout + out.stderr
