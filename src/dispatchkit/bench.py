@@ -260,6 +260,8 @@ def _run_once(state: _State, plan: Plan, repeat: int) -> Row:
         "main_rss_mb": m.main_rss_mb,
         "broker_rss_mb": max(m.extra_rss_mb.values(), default=None),
         "processes": m.processes,
+        # Other work on the machine skews a run: keep the load next to its numbers.
+        "load_1m": os.getloadavg()[0],
     }
 
 
@@ -331,6 +333,7 @@ def _aggregate(plan: Plan, samples: list[Row]) -> Row:
         "phases": phases,
         "worker_jobs_per_s": statistics.median(rates) if rates else None,
         "extra": samples[0]["extra"],
+        "load_1m": [round(s["load_1m"], 2) for s in samples],
         "results_match": True,
     }
 

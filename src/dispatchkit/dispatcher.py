@@ -129,23 +129,31 @@ class Dispatcher:
                 )
             pending, pending_bytes = [], 0
 
-        for cid, hour, outcomes in self._keys(on_rows):
-            country = self.reader.countries[cid]
+        rows_per_part = self.max_part_bytes * 8
+        countries = self.reader.countries
+        stats = self.stats
+        for cid, hour, n, packed, outcomes in self._keys(on_rows):
+            country = countries[cid]
             date_hour = hour * 3600
-            n = int(outcomes.size)
-            self.stats.jobs += 1
-            self.stats.rows_cut += n
+            stats.jobs += 1
+            stats.rows_cut += n
             if (country, date_hour) in skip:
-                self.stats.jobs_skipped += 1
+                stats.jobs_skipped += 1
                 continue
-            self.stats.jobs_sent += 1
-            self.stats.rows_sent += n
-            for job in self._parts(country, date_hour, outcomes):
-                if (country, date_hour, job.part) in skip_parts:
-                    self.stats.parts_sent -= 1
+            stats.jobs_sent += 1
+            stats.rows_sent += n
+            if n <= rows_per_part:
+                stats.parts += 1
+                jobs = [Job(job_id(self.run_id, country, date_hour), country, date_hour, 0, 1,
+                            n, packed)]
+            else:
+                jobs = self._parts(country, date_hour, outcomes)
+            day = cid * 1_000_000 + hour // 24
+            for job in jobs:
+                if skip_parts and (country, date_hour, job.part) in skip_parts:
                     continue
+                stats.parts_sent += 1
                 size = len(job.outcomes) + _JOB_OVERHEAD
-                day = cid * 1_000_000 + hour // 24
                 if (
                     day != pending_day
                     or len(pending) >= self.max_jobs_per_batch
@@ -164,7 +172,6 @@ class Dispatcher:
         n = int(outcomes.size)
         parts = max(1, -(-n // rows_per_part))
         self.stats.parts += parts
-        self.stats.parts_sent += parts
         if parts > 1:
             self.stats.split_jobs += 1
         return [
@@ -184,16 +191,21 @@ class Dispatcher:
 
     def _keys(
         self, on_rows: Callable[[int], None] | None
-    ) -> Iterator[tuple[int, int, npt.NDArray[np.bool_]]]:
-        """Yield ``(cid, hour, outcomes)`` once per key from the sorted stream."""
-        carry_key: tuple[int, int] | None = None
-        carry: list[npt.NDArray[np.bool_]] = []
+    ) -> Iterator[tuple[int, int, int, bytes, npt.NDArray[np.bool_]]]:
+        """Yield ``(cid, hour, n, packed outcomes, outcomes)`` once per key, in key order.
+
+        Each record batch is cut at key changes and all its complete keys are bit-packed
+        in one vectorized pass; the last key of a batch may continue in the next, so its
+        rows are carried over and cut with the next batch.
+        """
+        carry_key = np.empty(0, np.int64)
+        carry_pos = np.empty(0, np.bool_)
         last = -1
         for batch in self.reader.sorted_valid():
             if batch.num_rows == 0:
                 continue
             cid = batch.column(0).to_numpy().astype(np.int64)
-            hour = batch.column(1).to_numpy()
+            hour = batch.column(1).to_numpy().astype(np.int64)
             pos = batch.column(2).to_numpy(zero_copy_only=False).astype(np.bool_)
             key = (cid << 32) | hour
             # Cutting relies on the sort: a key seen again later would become a second job
@@ -201,21 +213,47 @@ class Dispatcher:
             if key[0] < last or bool((key[1:] < key[:-1]).any()):
                 raise RunError("internal check failed: input rows did not arrive sorted by key")
             last = int(key[-1])
+            if carry_key.size:
+                key = np.concatenate((carry_key, key))
+                pos = np.concatenate((carry_pos, pos))
             cuts = np.flatnonzero(key[1:] != key[:-1]) + 1
             starts = np.concatenate(([0], cuts))
-            ends = np.concatenate((cuts, [key.size]))
-            for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-                k = (int(cid[a]), int(hour[a]))
-                if k != carry_key:
-                    if carry_key is not None:
-                        yield (*carry_key, _join(carry))
-                    carry_key, carry = k, []
-                carry.append(pos[a:b])
+            # The last key may go on in the next batch: carry it.
+            tail = int(starts[-1])
+            carry_key, carry_pos = key[tail:], pos[tail:]
+            if starts.size > 1:
+                yield from _pack(key[:tail], pos[:tail], starts[:-1], cuts)
             if on_rows is not None:
                 on_rows(batch.num_rows)
-        if carry_key is not None:
-            yield (*carry_key, _join(carry))
+        if carry_key.size:
+            yield from _pack(carry_key, carry_pos, np.array([0]), np.array([carry_key.size]))
 
 
-def _join(chunks: list[npt.NDArray[np.bool_]]) -> npt.NDArray[np.bool_]:
-    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+def _pack(
+    key: npt.NDArray[np.int64],
+    pos: npt.NDArray[np.bool_],
+    starts: npt.NDArray[np.int64],
+    ends: npt.NDArray[np.int64],
+) -> Iterator[tuple[int, int, int, bytes, npt.NDArray[np.bool_]]]:
+    """Bit-pack every key segment ``[starts[i], ends[i])`` at once, one byte-aligned run each."""
+    lens = ends - starts
+    nbytes = (lens + 7) // 8
+    byte_off = np.zeros(lens.size + 1, np.int64)
+    np.cumsum(nbytes, out=byte_off[1:])
+    # Row r of segment s goes to bit byte_off[s] * 8 + (r - starts[s]).
+    seg = np.repeat(np.arange(lens.size), lens)
+    bit = byte_off[seg] * 8 + (np.arange(pos.size) - starts[seg])
+    bits = np.zeros(int(byte_off[-1]) * 8, np.bool_)
+    bits[bit] = pos
+    packed = np.packbits(bits).tobytes()
+    seg_key = key[starts]
+    for k, a, b, n, lo, hi in zip(
+        seg_key.tolist(),
+        starts.tolist(),
+        ends.tolist(),
+        lens.tolist(),
+        byte_off[:-1].tolist(),
+        byte_off[1:].tolist(),
+        strict=True,
+    ):
+        yield (k >> 32, k & 0xFFFFFFFF, n, packed[lo:hi], pos[a:b])

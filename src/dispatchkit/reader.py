@@ -332,7 +332,7 @@ class InputReader:
 
     def sorted_valid(self, rows_per_batch: int = 262_144) -> Iterator[pa.RecordBatch]:
         """Valid rows as ``(cid, hour, pos)`` sorted by ``(cid, hour)``; ``self.countries[cid]``."""
-        self.countries = [
+        self.countries[:] = [  # in place: callers may hold the list
             str(r[0])
             for r in self.con.execute(
                 "SELECT DISTINCT country_t FROM checked WHERE reason IS NULL ORDER BY 1"

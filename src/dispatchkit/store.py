@@ -26,7 +26,6 @@ from types import TracebackType
 
 import duckdb
 import polars as pl
-import pyarrow as pa
 
 from dispatchkit.errors import RunError
 from dispatchkit.message import JobResult
@@ -65,23 +64,21 @@ CREATE TABLE IF NOT EXISTS parts (
 );
 """
 
-_PART_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("job_id", pa.string()),
-        ("part", pa.int32()),
-        ("parts", pa.int32()),
-        ("country", pa.string()),
-        ("date_hour", pa.int64()),
-        ("tests", pa.int64()),
-        ("positives", pa.int64()),
-        ("positive_rate", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-        ("worker", pa.string()),
-        ("stored_at", pa.float64()),
-    ]
-)
+_PART_SCHEMA = {
+    "run_id": pl.String,
+    "job_id": pl.String,
+    "part": pl.Int32,
+    "parts": pl.Int32,
+    "country": pl.String,
+    "date_hour": pl.Int64,
+    "tests": pl.Int64,
+    "positives": pl.Int64,
+    "positive_rate": pl.Float64,
+    "ci_low": pl.Float64,
+    "ci_high": pl.Float64,
+    "worker": pl.String,
+    "stored_at": pl.Float64,
+}
 
 RESULT_COLUMNS = (
     "run_id",
@@ -203,25 +200,26 @@ class ResultStore:
         if not self._buffer:
             return 0
         rows = self._buffer
-        now = time.time()
-        table = pa.table(
-            [
-                [r[0] for r in rows],
-                [r[2].job_id for r in rows],
-                [r[2].part for r in rows],
-                [r[2].parts for r in rows],
-                [r[2].country for r in rows],
-                [r[2].date_hour for r in rows],
-                [r[2].tests for r in rows],
-                [r[2].positives for r in rows],
-                [r[2].positive_rate for r in rows],
-                [r[2].ci_low for r in rows],
-                [r[2].ci_high for r in rows],
-                [r[1] for r in rows],
-                [now] * len(rows),
-            ],
+        results = [r[2] for r in rows]
+        # Polars builds string columns from Python lists far faster than pyarrow does.
+        table = pl.DataFrame(
+            {
+                "run_id": [r[0] for r in rows],
+                "job_id": [r.job_id for r in results],
+                "part": [r.part for r in results],
+                "parts": [r.parts for r in results],
+                "country": [r.country for r in results],
+                "date_hour": [r.date_hour for r in results],
+                "tests": [r.tests for r in results],
+                "positives": [r.positives for r in results],
+                "positive_rate": [r.positive_rate for r in results],
+                "ci_low": [r.ci_low for r in results],
+                "ci_high": [r.ci_high for r in results],
+                "worker": [r[1] for r in rows],
+                "stored_at": [time.time()] * len(rows),
+            },
             schema=_PART_SCHEMA,
-        )
+        ).to_arrow()
         before = self._count_parts()
         self.con.register("incoming", table)
         try:
