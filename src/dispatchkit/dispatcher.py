@@ -144,8 +144,11 @@ class Dispatcher:
             stats.rows_sent += n
             if n <= rows_per_part:
                 stats.parts += 1
-                jobs = [Job(job_id(self.run_id, country, date_hour), country, date_hour, 0, 1,
-                            n, packed)]
+                jobs = [
+                    Job(
+                        job_id(self.run_id, country, date_hour), country, date_hour, 0, 1, n, packed
+                    )
+                ]
             else:
                 jobs = self._parts(country, date_hour, outcomes)
             day = cid * 1_000_000 + hour // 24
@@ -204,10 +207,8 @@ class Dispatcher:
         for batch in self.reader.sorted_valid():
             if batch.num_rows == 0:
                 continue
-            cid = batch.column(0).to_numpy().astype(np.int64)
-            hour = batch.column(1).to_numpy().astype(np.int64)
-            pos = batch.column(2).to_numpy(zero_copy_only=False).astype(np.bool_)
-            key = (cid << 32) | hour
+            key = batch.column(0).to_numpy().astype(np.int64)
+            pos = batch.column(1).to_numpy(zero_copy_only=False).astype(np.bool_)
             # Cutting relies on the sort: a key seen again later would become a second job
             # with the same id, and the store would keep only one of them.
             if key[0] < last or bool((key[1:] < key[:-1]).any()):

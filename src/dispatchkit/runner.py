@@ -109,8 +109,8 @@ def prepare(spec: RunSpec, summary_out: RunSummary | None = None) -> Prepared:
             reader.first_bad_row()
         if counts.rows_read == 0:
             raise InputError(f"{spec.input}: holds no rows")
-        reader.write_quarantine(spec.out)
-        total_jobs = reader.count_jobs()
+        reader.write_quarantine(spec.out, any_bad=counts.rows_bad > 0)
+        total_jobs = counts.jobs
     except BaseException:
         reader.close()
         raise

@@ -223,12 +223,8 @@ class ResultStore:
         before = self._count_parts()
         self.con.register("incoming", table)
         try:
-            # A batch can repeat a part within itself (a redelivered message): keep one.
-            self.con.execute(
-                "INSERT INTO parts SELECT * FROM incoming "
-                "QUALIFY row_number() OVER (PARTITION BY run_id, job_id, part) = 1 "
-                "ON CONFLICT DO NOTHING"
-            )
+            # A part already stored, or repeated within the batch, is kept once.
+            self.con.execute("INSERT INTO parts SELECT * FROM incoming ON CONFLICT DO NOTHING")
         finally:
             self.con.unregister("incoming")
         new = self._count_parts() - before

@@ -1,0 +1,108 @@
+"""The benchmark's code path: quick mode end to end, the results check, the measurement.
+
+Timings are never asserted: the machine running the tests is not a benchmark machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from dispatchkit.bench import compare_results
+from dispatchkit.bench_measure import measure
+from dispatchkit.cli import main
+from dispatchkit.errors import RunError
+
+from .conftest import IN_CI
+
+
+def test_quick_bench_runs_every_variant_and_writes_its_files(tmp_path: Path) -> None:
+    servers = os.environ.get("DISPATCHKIT_BOOTSTRAP_SERVERS", "")
+    if IN_CI and not servers:
+        pytest.fail("DISPATCHKIT_BOOTSTRAP_SERVERS is not set: CI must run the Kafka variants")
+    out = tmp_path / "bench"
+    args = ["bench", "--quick", "-q", "--out", str(out), "--kafka-workers", "1,2"]
+    args += ["--topic-prefix", f"tbench{os.getpid()}"] if servers else ["--no-kafka"]
+
+    assert main(args) == 0
+
+    for name in ("bench.json", "bench.md", "bench.png", "bench-heavy.png"):
+        assert (out / name).stat().st_size > 0, name
+    doc = json.loads((out / "bench.json").read_text())
+    rows = {(r["section"], r["key"]): r for r in doc["rows"]}
+    expected = {
+        ("main", "floor"),
+        ("main", "pandas"),
+        ("main", "embedded-1"),
+        ("main", "embedded-2"),
+        ("components", "dispatcher"),
+        ("heavy", "pandas"),
+        ("heavy", "embedded-1"),
+        ("heavy", "embedded-2"),
+    }
+    if servers:
+        expected |= {("main", "kafka-1"), ("main", "kafka-2"), ("components", "staged-1")}
+    assert expected <= set(rows)
+    assert all(r["results_match"] for r in rows.values())
+    floor = rows[("main", "floor")]
+    assert floor["rows"] == 20_000
+    # Every variant computed the same number of (country, hour) jobs as the floor.
+    assert {r["jobs"] for (section, _), r in rows.items() if section == "main"} == {floor["jobs"]}
+    assert rows[("main", "embedded-2")]["peak_rss_total_mb"] > 0
+    assert {t["target"] for t in doc["targets"]}
+    table = (out / "bench.md").read_text()
+    assert "| embedded ×2 |" in table and "## Targets" in table
+
+
+def _frame(positives: list[int]) -> pl.DataFrame:
+    hours = [datetime(2020, 3, 1, h, tzinfo=UTC) for h in range(len(positives))]
+    return pl.DataFrame(
+        {
+            "country": ["Chile"] * len(positives),
+            "date_hour": hours,
+            "tests": [10] * len(positives),
+            "positives": positives,
+        }
+    )
+
+
+def test_results_that_differ_from_the_floor_stop_the_benchmark() -> None:
+    compare_results(_frame([1, 2, 3]), _frame([1, 2, 3]), "same")
+    with pytest.raises(RunError, match=r"differ from the floor's.*1 with other counts"):
+        compare_results(_frame([1, 2, 4]), _frame([1, 2, 3]), "embedded ×2")
+    with pytest.raises(RunError, match=r"1 missing"):
+        compare_results(_frame([1, 2]), _frame([1, 2, 3]), "kafka ×1")
+
+
+def test_measure_sees_the_peak_of_a_child_process(tmp_path: Path) -> None:
+    child = "x = bytearray(200_000_000); x[::4096] = b'1' * len(x[::4096])"
+    parent = (
+        f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}], check=True)"
+    )
+    m = measure([sys.executable, "-c", parent], log=tmp_path / "log.txt", interval=0.01)
+    assert m.returncode == 0
+    assert m.peak_rss_max_mb >= 190  # the child's, though the parent stayed small
+    assert m.main_rss_mb < m.peak_rss_max_mb
+    assert m.cpu_s > 0
+
+
+def test_usage_mistakes_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--workers", "0,2"])
+    assert exc.value.code == 2
+    assert main(["bench", "--no-kafka", "--task", "nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "dispatchkit: error: unknown task 'nope' (known: beta-posterior, positive-rate)"
+    )
+    (tmp_path / "file").write_text("")
+    assert main(["bench", "--no-kafka", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
