@@ -262,7 +262,17 @@ def _run_once(state: _State, plan: Plan, repeat: int) -> Row:
         "processes": m.processes,
         # Other work on the machine skews a run: keep the load next to its numbers.
         "load_1m": os.getloadavg()[0],
+        "cpu_pressure": _cpu_pressure(),
     }
+
+
+def _cpu_pressure() -> float | None:
+    """Linux PSI: % of the last 10 s in which some runnable task waited for a CPU."""
+    try:
+        first = Path("/proc/pressure/cpu").read_text().split()
+        return float(first[1].partition("=")[2])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _check(state: _State, plan: Plan, outcome: Row) -> None:
@@ -334,6 +344,7 @@ def _aggregate(plan: Plan, samples: list[Row]) -> Row:
         "worker_jobs_per_s": statistics.median(rates) if rates else None,
         "extra": samples[0]["extra"],
         "load_1m": [round(s["load_1m"], 2) for s in samples],
+        "cpu_pressure": [s["cpu_pressure"] for s in samples],
         "results_match": True,
     }
 

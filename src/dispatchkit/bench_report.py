@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -56,8 +57,32 @@ def machine(kafka: str) -> dict[str, str]:
         "dispatchkit": __version__,
         "libraries": ", ".join(f"{k} {v}" for k, v in versions.items()),
         "kafka": kafka,
+        "code": _code_version(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def _code_version() -> str:
+    """The git commit measured, ``+dirty`` if the package has uncommitted changes."""
+    src = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    if head.returncode != 0:
+        return __version__
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def write_outputs(
@@ -191,7 +216,8 @@ def markdown(config: BenchConfig, rows: list[Row], info: dict[str, str], judged:
         f"`{config.command or 'dispatchkit bench'}` — {info['date']}",
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM; {info['os']}; "
-        f"Python {info['python']}; {info['libraries']}. Kafka: {info['kafka']}.",
+        f"Python {info['python']}; {info['libraries']}. Kafka: {info['kafka']}. "
+        f"Code: {info['code']}.",
         "",
     ]
     lines += _main_table(rows, config)

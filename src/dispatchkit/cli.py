@@ -167,10 +167,14 @@ def _print_summary(args: argparse.Namespace, summary: object) -> None:
         f"run {s.run_id}: {s.status}",
         f"  rows     {s.rows_read:,} read, {s.rows_valid:,} valid, "
         f"{s.rows_quarantined:,} quarantined",
-        f"  jobs     {s.jobs:,} total, {s.jobs_done:,} done "
-        f"({s.jobs_sent:,} sent now, {s.jobs_skipped:,} already stored"
-        + (f", {s.split_jobs:,} split" if s.split_jobs else "")
-        + ")",
+        f"  jobs     {s.jobs:,} total, {s.jobs_done:,} done"
+        + (
+            f" ({s.jobs_sent:,} sent now, {s.jobs_skipped:,} already stored"
+            + (f", {s.split_jobs:,} split" if s.split_jobs else "")
+            + ")"
+            if s.jobs_sent or s.jobs_skipped
+            else ""
+        ),
         "  time     " + ", ".join(f"{k} {v:.2f} s" for k, v in s.seconds.items()),
     ]
     if s.bad_rows:

@@ -72,12 +72,13 @@ def replay(
     runs = {e.headers.get(H_RUN, "") for e in entries if e.jobs}
     done = {r: _done_parts(settings, r) for r in runs}
     broker = KafkaBroker(settings)
+    tasks = {r: _task_of(broker, r) for r in runs}
     replayed = skipped = 0
     sent: set[tuple[str, str, int]] = set()
     try:
         for e in entries:
             run = e.headers.get(H_RUN, "")
-            task = _task_of(broker, run)
+            task = tasks.get(run, "positive-rate")
             fresh = []
             for job in e.jobs:
                 key = (run, job.job_id, job.part)

@@ -8,12 +8,14 @@ a Kafka run writes the same files, the same way, as an embedded one.
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -28,7 +30,7 @@ from dispatchkit.dispatcher import Dispatcher, iso_hour
 from dispatchkit.errors import RunError
 from dispatchkit.message import SCHEMA_VERSION, JobBatch, Manifest, ResultBatch, decode
 from dispatchkit.progress import Bars
-from dispatchkit.runner import STORE_NAME, RunSpec, RunSummary, finish, prepare
+from dispatchkit.runner import STORE_NAME, RunSpec, RunSummary, finish, prepare, prepare_run_id
 from dispatchkit.store import ResultStore
 from dispatchkit.worker import RetryPolicy, Worker, WorkerStats, run
 
@@ -234,7 +236,7 @@ def collect(
                 if on_tick is not None:
                     on_tick()
                 if (manifest is None or manifest.status != "dispatched") and (
-                    now - last_manifest_check > 1.0
+                    now - last_manifest_check > 2.0
                 ):
                     manifest = broker.read_manifest(run_id)
                     last_manifest_check = now
@@ -256,8 +258,9 @@ def collect(
                     if on_progress is not None and manifest is not None:
                         on_progress(done, manifest.total_jobs)
                 if manifest is not None and manifest.status == "dispatched":
-                    if now - last_dlq_check > 3.0:
-                        dead = dead_jobs(settings, run_id)
+                    # Dead letters only matter once results stop coming.
+                    if now - last_dlq_check > 3.0 and now - last_progress > 1.0:
+                        dead = dead_jobs(settings, run_id, check=False)
                         last_dlq_check = now
                     missing = manifest.total_jobs - done
                     if missing == 0:
@@ -324,10 +327,10 @@ def _dead_not_done(store: ResultStore, run_id: str, dead: dict[str, str]) -> int
     return sum(1 for k in dead if _key_tuple(k) not in done)
 
 
-def dead_jobs(settings: KafkaSettings, run_id: str) -> dict[str, str]:
+def dead_jobs(settings: KafkaSettings, run_id: str, check: bool = True) -> dict[str, str]:
     """``"country hour" → error`` of a run's dead-lettered jobs."""
     out: dict[str, str] = {}
-    for msg in scan(settings, settings.dlq_topic, timeout=15):
+    for msg in scan(settings, settings.dlq_topic, timeout=15, check=check):
         headers = headers_of(msg)
         if headers.get(H_RUN) != run_id:
             continue
@@ -453,13 +456,22 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) 
                 log.warning("worker %s exited with %s; restarting it", slots[i], p.returncode)
                 procs[i] = spawn_worker(settings, slots[i], *extra)
 
+    # The dispatcher runs in its own process so the collector stores results meanwhile.
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
     try:
-        sent = dispatch(spec, settings, bars)
-        summary = collect(
-            settings, sent.run_id, spec.out, bars=bars, report=spec.report, on_tick=supervise
-        )
+        run_id = prepare_run_id(spec)
+        dispatching = pool.submit(dispatch, spec, settings)
+
+        def tick() -> None:
+            supervise()
+            if dispatching.done() and dispatching.exception() is not None:
+                raise dispatching.exception()  # type: ignore[misc]
+
+        summary = collect(settings, run_id, spec.out, bars=bars, report=spec.report, on_tick=tick)
+        sent = dispatching.result()
         summary.worker_restarts = restarts[0]
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

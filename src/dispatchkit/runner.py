@@ -88,7 +88,12 @@ class Prepared:
     total_jobs: int
 
 
-def prepare(spec: RunSpec, summary_out: RunSummary | None = None) -> Prepared:
+def prepare_run_id(spec: RunSpec) -> str:
+    """The run id a run of ``spec`` gets: ``--run-id``, or one derived from the input."""
+    return spec.run_id or f"run-{fingerprint(resolve_inputs(spec.input))[:12]}"
+
+
+def prepare(spec: RunSpec) -> Prepared:
     """Resolve and validate the input, write the quarantine files; nothing is dispatched."""
     paths = resolve_inputs(spec.input)
     fp = fingerprint(paths)

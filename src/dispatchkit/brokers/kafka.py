@@ -157,6 +157,7 @@ class KafkaBroker(Broker):
         self._failures: list[str] = []
         self.delivered = 0
         self.run_id: str | None = None
+        self._checked = False
 
     # -- producing ---------------------------------------------------------------------
 
@@ -311,7 +312,8 @@ class KafkaBroker(Broker):
     def read_manifest(self, run_id: str, timeout: float = 10.0) -> Manifest | None:
         """The latest manifest of a run, or ``None``."""
         latest: Manifest | None = None
-        for msg in scan(self.settings, self.settings.manifests_topic, timeout=timeout):
+        first, self._checked = not self._checked, True
+        for msg in scan(self.settings, self.settings.manifests_topic, timeout=timeout, check=first):
             if msg.key() == run_id.encode():
                 try:
                     latest = decode(msg.value(), Manifest)
@@ -348,9 +350,15 @@ def scan(
     *,
     timeout: float = 30.0,
     committed_only: bool = True,
+    check: bool = True,
 ) -> Iterable[Any]:
-    """Every record of a topic, from the beginning to the current end, without a group."""
-    connect(settings)
+    """Every record of a topic, from the beginning to the current end, without a group.
+
+    ``check`` first makes sure the cluster answers (a clear error for bad credentials);
+    callers that scan repeatedly check once.
+    """
+    if check:
+        connect(settings)
     consumer = Consumer(
         settings.client_config(
             **{
