@@ -108,6 +108,10 @@ def test_separate_processes_dispatch_workers_collect(small_parquet: Path, tmp_pa
     assert codes == [0, 0, 0]
     assert_exact(pl.read_parquet(tmp_path / "results.parquet"), reference(small_parquet))
     assert max(committed_result_job_ids(settings, "sep").values()) == 1
+    # Collecting the finished run into a fresh directory reads every result again.
+    again = collect(settings, "sep", tmp_path / "again", timeout=60)
+    assert again.status == "complete"
+    assert_exact(pl.read_parquet(tmp_path / "again" / "results.parquet"), reference(small_parquet))
 
 
 def test_scale_out_and_in_mid_run(small_parquet: Path, tmp_path: Path) -> None:

@@ -221,14 +221,18 @@ def collect(
     bars = bars or Bars(enabled=False)
     t0 = time.perf_counter()
     summary = RunSummary(run_id=run_id)
-    broker = KafkaBroker(settings, collector_group=collector_group(settings, run_id))
-    broker.run_id = run_id
     manifest: Manifest | None = None
     last_manifest_check = last_flush = last_dlq_check = 0.0
     dead: dict[str, str] = {}
-    done = 0
     last_progress = time.monotonic()
     with ResultStore(out / STORE_NAME) as store:
+        done = store.jobs_done(run_id)
+        broker = KafkaBroker(
+            settings,
+            collector_group=collector_group(settings, run_id),
+            from_beginning=store.get_run(run_id) is None,
+        )
+        broker.run_id = run_id
         try:
             bars.add("collect", None, "jobs")
             while True:

@@ -149,9 +149,18 @@ def ensure_topics(settings: KafkaSettings, timeout: float = 30.0) -> None:
 class KafkaBroker(Broker):
     """The dispatcher's and the collector's side of Kafka."""
 
-    def __init__(self, settings: KafkaSettings, *, collector_group: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        collector_group: str | None = None,
+        from_beginning: bool = False,
+    ) -> None:
         self.settings = settings
         self.collector_group = collector_group
+        # The store is the truth: a store that knows nothing of the run reads all results
+        # again, whatever offsets an earlier collector (into another store) committed.
+        self.from_beginning = from_beginning
         self._producer: Producer | None = None
         self._consumer: Consumer | None = None
         self._failures: list[str] = []
@@ -266,8 +275,14 @@ class KafkaBroker(Broker):
                     }
                 )
             )
-            self._consumer.subscribe([self.settings.results_topic])
+            self._consumer.subscribe([self.settings.results_topic], on_assign=self._on_assign)
         return self._consumer
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self.from_beginning:
+            for p in partitions:
+                p.offset = OFFSET_BEGINNING
+            consumer.assign(partitions)
 
     def results(self, timeout: float) -> list[ResultBatch]:
         out: list[ResultBatch] = []
