@@ -172,7 +172,7 @@ def cmd_worker(args: argparse.Namespace, bars: Bars) -> int:
 
 def cmd_collect(args: argparse.Namespace, bars: Bars) -> int:
     from dispatchkit.cli import _print_summary
-    from dispatchkit.kafka_run import collect
+    from dispatchkit.collector import collect
 
     settings = kafka_settings_from_args(args)
     summary = collect(
@@ -189,7 +189,7 @@ def cmd_collect(args: argparse.Namespace, bars: Bars) -> int:
 
 
 def cmd_status(args: argparse.Namespace, bars: Bars) -> int:
-    from dispatchkit.kafka_run import status
+    from dispatchkit.collector import status
 
     settings = kafka_settings_from_args(args)
     st = status(settings, args.run_id)

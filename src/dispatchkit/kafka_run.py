@@ -1,4 +1,7 @@
-"""Runs on Kafka: dispatch, work, collect, status — the library behind the Kafka commands.
+"""Runs on Kafka: dispatch, work, and all-in-one runs — the library behind the Kafka commands.
+
+The collector (collect, status) lives in :mod:`dispatchkit.collector` and is re-exported
+here, so ``dispatchkit.kafka_run`` holds every Kafka command's function.
 
 Each function is what one CLI command does. They share the embedded run's pieces
 (:func:`~dispatchkit.runner.prepare`, the store, :func:`~dispatchkit.runner.finish`), so
@@ -14,35 +17,39 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 
 import msgspec
 
 from dispatchkit import faults
-from dispatchkit.brokers.kafka import H_RUN, KafkaBroker, headers_of, scan
+from dispatchkit.brokers.kafka import KafkaBroker
 from dispatchkit.brokers.kafka_worker import KafkaJobSource, default_worker_id
+from dispatchkit.collector import collect, collector_group, dead_jobs, status, worker_group
 from dispatchkit.config import KafkaSettings, Secret
-from dispatchkit.dispatcher import Dispatcher, iso_hour
+from dispatchkit.dispatcher import Dispatcher
 from dispatchkit.errors import RunError
-from dispatchkit.message import SCHEMA_VERSION, JobBatch, Manifest, ResultBatch, decode
+from dispatchkit.message import SCHEMA_VERSION, Manifest
 from dispatchkit.progress import Bars
-from dispatchkit.runner import STORE_NAME, RunSpec, RunSummary, finish, prepare, prepare_run_id
-from dispatchkit.store import ResultStore
+from dispatchkit.runner import RunSpec, RunSummary, prepare, prepare_run_id
 from dispatchkit.worker import RetryPolicy, Worker, WorkerStats, run
 
+__all__ = [
+    "WorkerOptions",
+    "collect",
+    "collector_group",
+    "dead_jobs",
+    "dispatch",
+    "run_kafka",
+    "spawn_worker",
+    "status",
+    "work",
+    "worker_env",
+    "worker_group",
+]
+
 log = logging.getLogger(__name__)
-
-
-def worker_group(settings: KafkaSettings) -> str:
-    return f"{settings.topic_prefix}.workers"
-
-
-def collector_group(settings: KafkaSettings, run_id: str) -> str:
-    return f"{settings.topic_prefix}.collector.{run_id}"
 
 
 # -- dispatch ---------------------------------------------------------------------------
@@ -195,211 +202,6 @@ def work(settings: KafkaSettings, options: WorkerOptions) -> WorkerStats:
         source.aborts,
     )
     return stats
-
-
-# -- collect ----------------------------------------------------------------------------
-
-
-def collect(
-    settings: KafkaSettings,
-    run_id: str,
-    out: Path,
-    *,
-    bars: Bars | None = None,
-    report: bool = True,
-    timeout: float | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
-    on_tick: Callable[[], None] | None = None,
-    dead_grace: float = 5.0,
-) -> RunSummary:
-    """Store a run's results until its manifest's jobs are all done, then export them.
-
-    Ends early, as ``incomplete``, when every missing job is dead-lettered and no result
-    has arrived for ``dead_grace`` seconds; ``timeout`` ends it after that many seconds
-    without progress.
-    """
-    bars = bars or Bars(enabled=False)
-    t0 = time.perf_counter()
-    summary = RunSummary(run_id=run_id)
-    manifest: Manifest | None = None
-    last_manifest_check = last_flush = last_dlq_check = 0.0
-    dead: dict[str, str] = {}
-    last_progress = time.monotonic()
-    with ResultStore(out / STORE_NAME) as store:
-        done = store.jobs_done(run_id)
-        broker = KafkaBroker(
-            settings,
-            collector_group=collector_group(settings, run_id),
-            from_beginning=store.get_run(run_id) is None,
-        )
-        broker.run_id = run_id
-        try:
-            bars.add("collect", None, "jobs")
-            while True:
-                now = time.monotonic()
-                if on_tick is not None:
-                    on_tick()
-                if (manifest is None or manifest.status != "dispatched") and (
-                    now - last_manifest_check > 2.0
-                ):
-                    manifest = broker.read_manifest(run_id)
-                    last_manifest_check = now
-                    if manifest is not None:
-                        store.start_run(run_id, manifest.input_fingerprint, "kafka", manifest.task)
-                        bars.update("collect", total=manifest.total_jobs)
-                for rb in broker.results(0.5):
-                    store.add(rb.run_id, rb.worker, rb.results)
-                if store.buffered and (store.buffered >= 20_000 or now - last_flush > 1.0):
-                    store.flush()
-                    faults.crash_point("collector.after_store")
-                    broker.commit_results()
-                    last_flush = now
-                    new_done = store.jobs_done(run_id)
-                    if new_done != done:
-                        last_progress = now
-                    done = new_done
-                    bars.update("collect", completed=done)
-                    if on_progress is not None and manifest is not None:
-                        on_progress(done, manifest.total_jobs)
-                if manifest is not None and manifest.status == "dispatched":
-                    # Dead letters only matter once results stop coming.
-                    if now - last_dlq_check > 3.0 and now - last_progress > 1.0:
-                        dead = dead_jobs(settings, run_id, check=False)
-                        last_dlq_check = now
-                    missing = manifest.total_jobs - done
-                    if missing == 0:
-                        break
-                    # Every missing job is dead-lettered and nothing has moved for a while
-                    # (a replay in flight would): the run ends incomplete.
-                    if (
-                        dead
-                        and not store.buffered
-                        and now - last_progress > dead_grace
-                        and missing == _dead_not_done(store, run_id, dead)
-                    ):
-                        break
-                if timeout is not None and now - last_progress > timeout:
-                    summary.status = "timed out"
-                    break
-            store.flush()
-            broker.commit_results()
-        finally:
-            broker.close()
-        if manifest is None:
-            raise RunError(f"run {run_id!r} has no manifest: was it dispatched?")
-        summary.jobs = manifest.total_jobs
-        summary.rows_read = manifest.rows_read
-        summary.rows_valid = manifest.rows_dispatched
-        summary.rows_quarantined = manifest.rows_quarantined
-        summary.duplicates_ignored = store.duplicates
-        finish(store, run_id, manifest.task, out, report=report, summary=summary)
-        done_keys = store.done_keys(run_id)
-        summary.failed_jobs = sorted(
-            f"{key}: {why}" for key, why in dead.items() if _key_tuple(key) not in done_keys
-        )
-        if summary.status != "timed out":
-            summary.status = (
-                "complete" if summary.jobs_done == manifest.total_jobs else "incomplete"
-            )
-        store.update_run(
-            run_id,
-            status=summary.status,
-            rows_read=manifest.rows_read,
-            rows_dispatched=manifest.rows_dispatched,
-            rows_quarantined=manifest.rows_quarantined,
-            total_jobs=manifest.total_jobs,
-            total_parts=manifest.total_parts,
-        )
-    summary.files["store"] = out / STORE_NAME
-    summary.seconds["collect"] = time.perf_counter() - t0
-    return summary
-
-
-def _key(country: str, date_hour: int) -> str:
-    return f"{country} {iso_hour(date_hour)}"
-
-
-def _key_tuple(key: str) -> tuple[str, int]:
-    from datetime import datetime
-
-    country, _, hour = key.rpartition(" ")
-    return (country, int(datetime.fromisoformat(hour.replace("Z", "+00:00")).timestamp()))
-
-
-def _dead_not_done(store: ResultStore, run_id: str, dead: dict[str, str]) -> int:
-    done = store.done_keys(run_id)
-    return sum(1 for k in dead if _key_tuple(k) not in done)
-
-
-def dead_jobs(settings: KafkaSettings, run_id: str, check: bool = True) -> dict[str, str]:
-    """``"country hour" → error`` of a run's dead-lettered jobs."""
-    out: dict[str, str] = {}
-    for msg in scan(settings, settings.dlq_topic, timeout=15, check=check):
-        headers = headers_of(msg)
-        if headers.get(H_RUN) != run_id:
-            continue
-        try:
-            batch = decode(msg.value(), JobBatch)
-        except Exception:
-            continue
-        for job in batch.jobs:
-            out[_key(job.country, job.date_hour)] = (
-                f"{headers.get('dk-error-class', '?')}: {headers.get('dk-error', '')}"
-            )
-    return out
-
-
-# -- status -----------------------------------------------------------------------------
-
-
-@dataclass
-class RunStatus:
-    run_id: str
-    manifest: Manifest | None
-    jobs_done: int
-    jobs_dead: int
-    lag: dict[int, int]
-    jobs_per_second: float
-
-
-def status(settings: KafkaSettings, run_id: str, window: float = 10.0) -> RunStatus:
-    """Jobs total and done, dead letters, worker lag per partition, recent throughput."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    broker = KafkaBroker(settings)
-    manifest = broker.read_manifest(run_id)
-    parts: dict[str, set[int]] = {}
-    sizes: dict[str, int] = {}
-    stamps: list[tuple[float, int]] = []
-    for msg in scan(settings, settings.results_topic):
-        if headers_of(msg).get(H_RUN) != run_id:
-            continue
-        rb = decode(msg.value(), ResultBatch)
-        for r in rb.results:
-            parts.setdefault(r.job_id, set()).add(r.part)
-            sizes[r.job_id] = r.parts
-        stamps.append((msg.timestamp()[1] / 1000.0, len(rb.results)))
-    done = sum(1 for j, p in parts.items() if len(p) == sizes[j])
-    newest = max((t for t, _ in stamps), default=0.0)
-    recent = sum(n for t, n in stamps if t >= newest - window)
-    consumer = Consumer(settings.client_config(**{"group.id": worker_group(settings)}))
-    lag: dict[int, int] = {}
-    try:
-        md = consumer.list_topics(settings.jobs_topic, timeout=10).topics[settings.jobs_topic]
-        tps = [TopicPartition(settings.jobs_topic, p) for p in sorted(md.partitions)]
-        for tp in consumer.committed(tps, timeout=10):
-            low, high = consumer.get_watermark_offsets(tp, timeout=10)
-            lag[tp.partition] = high - (tp.offset if tp.offset >= 0 else low)
-    finally:
-        consumer.close()
-    return RunStatus(
-        run_id=run_id,
-        manifest=manifest,
-        jobs_done=done,
-        jobs_dead=len(dead_jobs(settings, run_id)),
-        lag=lag,
-        jobs_per_second=recent / window if stamps else 0.0,
-    )
 
 
 # -- run (all in one) -------------------------------------------------------------------
