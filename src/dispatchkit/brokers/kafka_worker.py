@@ -69,8 +69,8 @@ class KafkaJobSource(JobSource):
         group: str,
         worker_id: str,
         group_protocol: str = "classic",
-        txn_max_batches: int = 200,
-        txn_max_seconds: float = 0.5,
+        txn_max_batches: int = 1000,
+        txn_max_seconds: float = 1.0,
         session_timeout_ms: int = 10_000,
         max_poll_interval_ms: int = 300_000,
     ) -> None:
@@ -285,7 +285,11 @@ class KafkaJobSource(JobSource):
         if not assignment:
             return False
         for tp in consumer.position(assignment):
-            low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            # Fetch responses keep the cached high watermark fresh; ask the broker only
+            # for partitions never fetched from (a round trip each).
+            low, high = consumer.get_watermark_offsets(tp, cached=True)
+            if high < 0:
+                low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
             if tp.offset < 0 and high > low:
                 return False
             if 0 <= tp.offset < high:
