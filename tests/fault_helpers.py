@@ -33,6 +33,8 @@ from .conftest import assert_exact, reference
 from .kafka_helpers import REPO, committed_result_job_ids, kafka_args, read_all
 
 KAFKA = str(REPO / "scripts" / "kafka")
+#: Exit code :meth:`Fleet.terminate` reports for a worker that ignored SIGTERM.
+STUCK = -999
 #: Short group timeouts, so a killed member's partitions move on within seconds.
 SESSION_MS = 6000
 WORKER_FLAGS = ("--session-timeout-ms", str(SESSION_MS), "-v")
@@ -98,6 +100,9 @@ class OwnKafka:
     bootstrap: str = ""
 
     def start(self) -> str:
+        """Create and start the instance (on free ports), or start it again."""
+        if self.bootstrap:
+            return _kafka("start", "--name", self.name)
         port = free_base_port(self.brokers)
         self.bootstrap = _kafka(
             "start", "--name", self.name, "--port", str(port), "--brokers", str(self.brokers)
@@ -128,18 +133,6 @@ class OwnKafka:
 
 def python_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "dispatchkit", *args]
-
-
-@dataclass
-class Proc:
-    """A dispatchkit process whose stdout and stderr go to files."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -201,25 +194,31 @@ class Fleet:
         self.restarts += 1
         self.start(wid, *extra, env=env)
 
-    def alive(self) -> list[str]:
-        return [w for w, p in self.procs.items() if p.poll() is None]
+    def supervise(self) -> None:
+        """Restart, with its id, every worker that exited (as any supervisor would)."""
+        for wid, p in list(self.procs.items()):
+            if p.poll() is not None:
+                self.exit_codes.append((wid, p.returncode))
+                self.restart(wid)
 
     def exited(self) -> dict[str, int]:
         return {w: p.returncode for w, p in self.procs.items() if p.poll() is not None}
 
-    def terminate(self, timeout: float = 60) -> dict[str, int]:
-        """SIGTERM every live worker, wait; return each worker's exit code."""
+    def terminate(self, timeout: float = 30) -> dict[str, int]:
+        """SIGTERM every live worker and wait; each worker's exit code, ``STUCK`` for one
+        that did not stop within ``timeout`` (it is killed)."""
         for p in self.procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
         codes = {}
         for wid, p in self.procs.items():
             try:
-                codes[wid] = p.wait(timeout)
+                codes[wid] = p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
-                codes[wid] = p.wait(10)
-                codes[wid] = -999  # did not stop in time
+                p.wait(10)
+                codes[wid] = STUCK
         return codes
 
     def tails(self, chars: int = 3000) -> str:
@@ -233,23 +232,24 @@ class Fleet:
 # -- checks -----------------------------------------------------------------------------
 
 
-def uncommitted_result_records(settings: KafkaSettings, run_id: str) -> int:
-    """Result records of a run as a read_uncommitted reader sees them (aborted ones too)."""
-    n = 0
-    for msg in read_all(settings, settings.results_topic, committed=False):
+def result_records(settings: KafkaSettings, run_id: str, *, committed: bool = True) -> list[dict]:
+    """The run's result batches, decoded with msgpack (no dispatchkit code)."""
+    out = []
+    for msg in read_all(settings, settings.results_topic, committed=committed):
         batch = msgpack.unpackb(msg.value())  # type: ignore[attr-defined]
         if batch["run_id"] == run_id:
-            n += 1
-    return n
+            out.append(batch)
+    return out
 
 
-def committed_result_records(settings: KafkaSettings, run_id: str) -> int:
-    n = 0
-    for msg in read_all(settings, settings.results_topic):
+def job_parts_published(settings: KafkaSettings, run_id: str) -> Counter[tuple[str, int]]:
+    """(job_id, part) → how many job records of the run carry it on the jobs topic."""
+    counts: Counter[tuple[str, int]] = Counter()
+    for msg in read_all(settings, settings.jobs_topic):
         batch = msgpack.unpackb(msg.value())  # type: ignore[attr-defined]
         if batch["run_id"] == run_id:
-            n += 1
-    return n
+            counts.update((job["job_id"], job["part"]) for job in batch["jobs"])
+    return counts
 
 
 def store_duplicates(out: Path, run_id: str) -> int:

@@ -3,7 +3,9 @@
 Sections, each on its own generated input (cached under ``data_dir``):
 
 ``main``        pandas monolith, the single-process Polars floor, dispatchkit embedded
-                (``workers``) and on Kafka (``kafka_workers``), on ``rows`` rows;
+                (``workers``) and on Kafka (``kafka_workers``: ``run --broker kafka``,
+                worker processes started by the run; ``warm_workers``: workers already
+                running in their group, as in a deployment), on ``rows`` rows;
 ``components``  the dispatcher alone (no transport), and Kafka *staged*: dispatch every
                 job first, then start one worker and let it drain — the dispatcher's
                 rows/s and a worker's jobs/s, each measured without the other running;
@@ -18,19 +20,17 @@ runs every variant once) so a noisy neighbour slows all variants alike. Before a
 counts, its ``(country, date_hour, tests, positives)`` must equal the floor's, row for
 row, or the benchmark stops with :class:`~dispatchkit.errors.RunError`.
 
-Without ``kafka_settings`` and with ``kafka`` on, a local broker is started with
-``scripts/kafka`` (instance ``bench``, port 45092) and stopped afterwards; its JVM's
-memory is reported apart and never added to a variant's.
+``sections`` picks some of them. Without ``kafka_settings`` and with ``kafka`` on, a
+local broker is started (:mod:`dispatchkit.bench_kafka`); its JVM's memory and CPU are
+reported apart and never added to a variant's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -41,14 +41,14 @@ from typing import Any
 
 import polars as pl
 
+from dispatchkit.bench_kafka import KafkaTarget, kafka_target
 from dispatchkit.bench_measure import measure
 from dispatchkit.config import KafkaSettings
 from dispatchkit.errors import RunError, UsageError
 from dispatchkit.task import get_task
 
 Row = dict[str, Any]
-BROKER_NAME, BROKER_PORT = "bench", 45092
-REPO = Path(__file__).resolve().parents[2]
+SECTIONS = ("main", "components", "heavy", "memory")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class BenchConfig:
     repeats: int = 3
     workers: tuple[int, ...] = (1, 2)
     kafka_workers: tuple[int, ...] = (1, 2, 4)
+    warm_workers: tuple[int, ...] = (1, 2)
     kafka: bool = True
     kafka_settings: KafkaSettings | None = None
     topic_prefix: str = "dkbench"
@@ -68,7 +69,7 @@ class BenchConfig:
     heavy_rows: int = 20_000
     memory_scale: int = 0
     memory_workers: int = 2
-    components: bool = True
+    sections: tuple[str, ...] = SECTIONS
     seed: int = 42
     data_dir: Path | None = None
     command: str = ""
@@ -82,10 +83,19 @@ class BenchConfig:
         get_task(self.task)
         if self.rows < 1 or self.repeats < 1:
             raise UsageError("--rows and --repeats must be at least 1")
-        if any(w < 1 for w in (*self.workers, *self.kafka_workers, self.memory_workers)):
+        counts = (*self.workers, *self.kafka_workers, *self.warm_workers, self.memory_workers)
+        if any(w < 1 for w in counts):
             raise UsageError("worker counts must be at least 1")
         if self.heavy_rows < 0 or self.memory_scale < 0:
             raise UsageError("--heavy-rows and --memory-scale cannot be negative")
+        unknown = sorted(set(self.sections) - set(SECTIONS))
+        if unknown or not self.sections:
+            raise UsageError(
+                f"--sections: unknown {', '.join(unknown) or 'none given'} "
+                f"(choose from {', '.join(SECTIONS)})"
+            )
+        if self.sections == ("memory",) and not self.memory_scale:
+            raise UsageError("--sections memory needs --memory-scale ROWS")
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {self.out} is a file, not a directory")
 
@@ -106,13 +116,6 @@ class Plan:
 
 
 @dataclass
-class KafkaTarget:
-    settings: KafkaSettings
-    broker_pid: int | None
-    description: str
-
-
-@dataclass
 class _State:
     config: BenchConfig
     kafka: KafkaTarget | None
@@ -125,45 +128,61 @@ class _State:
 
 def run_benchmarks(config: BenchConfig, say: Callable[[str], None] | None = None) -> list[Row]:
     """Run every section ``config`` asks for; write bench.json/.md/.png; return the rows."""
-    from dispatchkit.bench_report import machine, write_outputs
+    from dispatchkit.bench_report import code_version, machine, write_outputs
 
     config.check()
     config.out.mkdir(parents=True, exist_ok=True)
+    code_at_start = code_version()
     state = _State(config, None, say or (lambda _: None))
-    with _kafka(config, state.say) as target:
+    with kafka_target(config, state.say) as target:
         state.kafka = target
         for section, plans, repeats in _sections(state):
             _run_section(state, section, plans, repeats)
     rows = [_aggregate(plan, state.samples[f"{plan.section}/{plan.key}"]) for plan in state.shown]
     info = machine(target.description if target else "not run")
+    if info["code"] != code_at_start:  # someone changed the code under the benchmark
+        info["code"] = f"{code_at_start} at the start, {info['code']} at the end"
     write_outputs(config, rows, info, state.inputs)
     return rows
 
 
 def _sections(state: _State) -> Iterator[tuple[str, list[Plan], int]]:
+    """Each section's plans; the first, a floor, is the reference its results must equal."""
     c = state.config
-    main_in = _input(state, "main", c.rows)
-    main = [Plan("main", "floor", "polars floor", "floor", main_in)]
-    main.append(Plan("main", "pandas", "pandas monolith", "pandas", main_in, c.task))
-    main += [
-        Plan("main", f"embedded-{w}", f"embedded ×{w}", "embedded", main_in, c.task, w)
-        for w in c.workers
-    ]
-    if state.kafka is not None:
+    wanted = set(c.sections)
+    if wanted & {"main", "components"}:
+        main_in = _input(state, "main", c.rows)
+    if "main" in wanted:
+        main = [Plan("main", "floor", "polars floor", "floor", main_in)]
+        main.append(Plan("main", "pandas", "pandas monolith", "pandas", main_in, c.task))
         main += [
-            Plan("main", f"kafka-{w}", f"kafka ×{w}", "kafka", main_in, c.task, w, True)
-            for w in c.kafka_workers
+            Plan("main", f"embedded-{w}", f"embedded ×{w}", "embedded", main_in, c.task, w)
+            for w in c.workers
         ]
-    yield "main", main, c.repeats
-    if c.components:
-        comp = [Plan("components", "dispatcher", "dispatcher only", "dispatcher", main_in, c.task)]
+        if state.kafka is not None:
+            main += [
+                Plan("main", f"kafka-{w}", f"kafka ×{w}", "kafka", main_in, c.task, w, True)
+                for w in c.kafka_workers
+            ]
+            main += [
+                Plan(
+                    "main", f"warm-{w}", f"kafka ×{w}, warm", "kafka-warm", main_in, c.task, w, True
+                )
+                for w in c.warm_workers
+            ]
+        yield "main", main, c.repeats
+    if "components" in wanted:
+        comp = [
+            Plan("components", "floor", "polars floor", "floor", main_in, shown=False),
+            Plan("components", "dispatcher", "dispatcher only", "dispatcher", main_in, c.task),
+        ]
         if state.kafka is not None:
             label = "kafka staged ×1"
             comp.append(
                 Plan("components", "staged-1", label, "kafka-staged", main_in, c.task, 1, True)
             )
         yield "components", comp, c.repeats
-    if c.heavy_rows:
+    if "heavy" in wanted and c.heavy_rows:
         heavy_in = _input(state, "heavy", c.heavy_rows)
         task = "beta-posterior"
         heavy = [Plan("heavy", "floor", "polars floor", "floor", heavy_in, shown=False)]
@@ -173,7 +192,7 @@ def _sections(state: _State) -> Iterator[tuple[str, list[Plan], int]]:
             for w in sorted({1, 2, *c.workers})
         ]
         yield "heavy", heavy, c.repeats
-    if c.memory_scale:
+    if "memory" in wanted and c.memory_scale:
         mem_in = _input(state, "memory", c.memory_scale)
         w = c.memory_workers
         mem = [
@@ -259,6 +278,7 @@ def _run_once(state: _State, plan: Plan, repeat: int) -> Row:
         "peak_rss_total_mb": m.peak_rss_total_mb,
         "main_rss_mb": m.main_rss_mb,
         "broker_rss_mb": max(m.extra_rss_mb.values(), default=None),
+        "broker_cpu_s": sum(m.extra_cpu_s.values()) if m.extra_cpu_s else None,
         "processes": m.processes,
         # Other work on the machine skews a run: keep the load next to its numbers.
         "load_1m": os.getloadavg()[0],
@@ -276,18 +296,18 @@ def _cpu_pressure() -> float | None:
 
 
 def _check(state: _State, plan: Plan, outcome: Row) -> None:
-    """The run's results must equal the floor's (the floor runs first and is the reference)."""
-    ref = state.references.get(plan.section)
+    """The run's results must equal the floor's (each section runs its floor first)."""
+    if plan.variant == "floor":
+        state.references[plan.section] = pl.read_parquet(outcome["check"])
+        return
+    ref = state.references[plan.section]
     if plan.variant == "dispatcher":
-        if ref is not None and outcome["jobs"] != ref.height:
-            raise RunError(f"dispatcher cut {outcome['jobs']} jobs; the floor has {ref.height}")
+        if outcome["jobs"] != ref.height:
+            raise RunError(f"dispatcher cut {outcome['jobs']:,} jobs; the floor has {ref.height:,}")
         return
     if outcome["check"] is None:
         raise RunError(f"{plan.section}: {plan.label} wrote no results")
     got = pl.read_parquet(outcome["check"])
-    if ref is None:
-        state.references[plan.section] = got
-        return
     compare_results(got, ref, f"{plan.section}: {plan.label}")
     Path(outcome["check"]).unlink()
 
@@ -320,6 +340,7 @@ def _aggregate(plan: Plan, samples: list[Row]) -> Row:
         phases[name] = statistics.median(s["phases"].get(name, 0.0) for s in samples)
     rates = [r for s in samples for r in s["worker_jobs_per_s"]]
     brokers = [s["broker_rss_mb"] for s in samples if s["broker_rss_mb"] is not None]
+    broker_cpu = [s["broker_cpu_s"] for s in samples if s["broker_cpu_s"] is not None]
     return {
         "section": plan.section,
         "key": plan.key,
@@ -340,6 +361,7 @@ def _aggregate(plan: Plan, samples: list[Row]) -> Row:
         "peak_rss_total_mb": max(s["peak_rss_total_mb"] for s in samples),
         "main_rss_mb": max(s["main_rss_mb"] for s in samples),
         "broker_rss_mb": max(brokers) if brokers else None,
+        "broker_cpu_s": statistics.median(broker_cpu) if broker_cpu else None,
         "phases": phases,
         "worker_jobs_per_s": statistics.median(rates) if rates else None,
         "extra": samples[0]["extra"],
@@ -347,55 +369,3 @@ def _aggregate(plan: Plan, samples: list[Row]) -> Row:
         "cpu_pressure": [s["cpu_pressure"] for s in samples],
         "results_match": True,
     }
-
-
-# -- Kafka broker -------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _kafka(config: BenchConfig, say: Callable[[str], None]) -> Iterator[KafkaTarget | None]:
-    if not config.kafka:
-        yield None
-        return
-    if config.kafka_settings is not None:
-        s = config.kafka_settings
-        yield KafkaTarget(s, None, f"{s.bootstrap_servers} (given; broker memory not measured)")
-        return
-    script = REPO / "scripts" / "kafka"
-    if not script.is_file():
-        raise UsageError(
-            "no Kafka broker: give --bootstrap-servers (or DISPATCHKIT_BOOTSTRAP_SERVERS), "
-            "or --no-kafka (scripts/kafka is only in a source checkout)"
-        )
-    name = ["--name", BROKER_NAME]
-    running = subprocess.run([str(script), "status", *name], capture_output=True).returncode == 0
-    say("" if running else f"starting a local Kafka broker ({script} start --name {BROKER_NAME})")
-    started = subprocess.run(
-        [str(script), "start", *name, "--port", str(BROKER_PORT)], capture_output=True, text=True
-    )
-    if started.returncode != 0:
-        raise RunError(f"scripts/kafka start failed: {started.stderr.strip()[-500:]}")
-    servers = started.stdout.strip().splitlines()[-1]
-    pid = subprocess.run([str(script), "pid", *name], capture_output=True, text=True).stdout
-    settings = KafkaSettings(
-        servers, topic_prefix=config.topic_prefix, partitions=config.partitions
-    )
-    version = _kafka_version()
-    try:
-        yield KafkaTarget(
-            settings,
-            int(pid.strip()) if pid.strip().isdigit() else None,
-            f"Apache Kafka {version}, one local KRaft node (scripts/kafka, {servers})",
-        )
-    finally:
-        if not running:
-            subprocess.run([str(script), "stop", *name, "--purge"], capture_output=True)
-
-
-def _kafka_version() -> str:
-    pom = REPO / "scripts" / "kafka-pom.xml"
-    text = pom.read_text() if pom.is_file() else ""
-    start = text.find("<kafka.version>")
-    if start < 0:
-        return "?"
-    return text[start + len("<kafka.version>") : text.find("</kafka.version>")]

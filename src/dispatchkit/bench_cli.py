@@ -16,6 +16,9 @@ from dispatchkit.progress import Bars
 if TYPE_CHECKING:
     from dispatchkit.bench import BenchConfig
 
+#: The benchmark's sections (kept here too: --help must not import the benchmark).
+SECTIONS = ("main", "components", "heavy", "memory")
+
 Add = Callable[..., argparse.ArgumentParser]
 Flags = Callable[..., None]
 
@@ -23,7 +26,8 @@ EXAMPLES = """examples:
   dispatchkit bench --out bench-out                 # everything, 2M rows, 3 repeats
   dispatchkit bench --quick --no-kafka --out /tmp/b # smoke test, a minute
   dispatchkit bench --rows 500000 --repeats 5 --workers 1,2 --kafka-workers 2
-  dispatchkit bench --no-kafka --heavy-rows 50000 --memory-scale 20000000
+  dispatchkit bench --sections heavy --heavy-rows 50000 --repeats 5
+  dispatchkit bench --sections memory --memory-scale 20000000
   dispatchkit bench -b 127.0.0.1:9092 --partitions 24   # an existing cluster
 
 Without -b (or $DISPATCHKIT_BOOTSTRAP_SERVERS) the Kafka variants start a local broker
@@ -54,6 +58,10 @@ def _count(text: str) -> int:
     return value
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
 def register(add: Add, kafka_flags: Flags) -> None:
     """Add ``dispatchkit bench``; see :mod:`dispatchkit.bench`."""
     from dispatchkit.cli import _positive_int
@@ -78,7 +86,18 @@ def register(add: Add, kafka_flags: Flags) -> None:
         help="runs of every variant (default: 3; 1 with --quick)%(default).0s",
     )
     b.add_argument("--workers", type=_counts, default="1,2", help="embedded worker counts")
-    b.add_argument("--kafka-workers", type=_counts, default="1,2,4", help="Kafka worker counts")
+    b.add_argument(
+        "--kafka-workers",
+        type=_counts,
+        default="1,2,4",
+        help="Kafka worker counts, workers started by the run",
+    )
+    b.add_argument(
+        "--warm-workers",
+        type=_counts,
+        default="1,2",
+        help="Kafka worker counts, workers running before the clock starts",
+    )
     b.add_argument(
         "--kafka",
         action=argparse.BooleanOptionalAction,
@@ -102,9 +121,10 @@ def register(add: Add, kafka_flags: Flags) -> None:
         "--memory-workers", type=_positive_int, default=2, help="embedded workers at scale"
     )
     b.add_argument(
-        "--no-components",
-        action="store_true",
-        help="skip the dispatcher-alone and Kafka-staged measurements",
+        "--sections",
+        type=_names,
+        default=",".join(SECTIONS),
+        help="which sections to run (memory only with --memory-scale)",
     )
     b.add_argument(
         "--quick", action="store_true", help="smoke test: 20,000 rows, 1 repeat, 2,000 heavy rows"
@@ -133,6 +153,7 @@ def cmd_bench(args: argparse.Namespace, bars: Bars) -> int:
         repeats=args.repeats or base.repeats,
         workers=args.workers,
         kafka_workers=args.kafka_workers,
+        warm_workers=args.warm_workers,
         kafka=args.kafka,
         kafka_settings=settings,
         topic_prefix=args.topic_prefix,
@@ -141,7 +162,7 @@ def cmd_bench(args: argparse.Namespace, bars: Bars) -> int:
         heavy_rows=base.heavy_rows if args.heavy_rows is None else args.heavy_rows,
         memory_scale=args.memory_scale,
         memory_workers=args.memory_workers,
-        components=not args.no_components,
+        sections=args.sections,
         seed=args.seed,
         data_dir=Path(args.data_dir) if args.data_dir else None,
     )
@@ -168,14 +189,15 @@ def _command(c: BenchConfig) -> str:
     ]
     if c.kafka:
         parts.append("--kafka-workers " + ",".join(map(str, c.kafka_workers)))
+        parts.append("--warm-workers " + ",".join(map(str, c.warm_workers)))
         parts.append(f"--partitions {c.partitions}")
     else:
         parts.append("--no-kafka")
     parts += [f"--task {c.task}", f"--heavy-rows {c.heavy_rows}"]
     if c.memory_scale:
         parts += [f"--memory-scale {c.memory_scale}", f"--memory-workers {c.memory_workers}"]
-    if not c.components:
-        parts.append("--no-components")
+    if c.sections != SECTIONS:
+        parts.append("--sections " + ",".join(c.sections))
     if c.seed != 42:
         parts.append(f"--seed {c.seed}")
     return " ".join(parts)

@@ -15,8 +15,9 @@
   dispatcher, collector and store, with DuckDB's threads);
 * ``cpu_s`` — user + system seconds of the tree, from ``wait4`` (children are counted
   once reaped; every variant reaps its workers before it exits);
-* ``extra_rss_mb`` — the peak RSS of processes outside the tree that are named by pid
-  (the Kafka broker's JVM), sampled alike and never added to the totals.
+* ``extra_rss_mb`` and ``extra_cpu_s`` — the peak RSS and the CPU seconds used meanwhile
+  by processes outside the tree that are named by pid (the Kafka broker's JVM), never
+  added to the totals.
 
 Memory sizes are in MB of 10**6 bytes.
 """
@@ -49,6 +50,7 @@ class Measurement:
     main_rss_mb: float
     processes: int
     extra_rss_mb: dict[int, float] = field(default_factory=dict)
+    extra_cpu_s: dict[int, float] = field(default_factory=dict)
 
 
 def _hwm_bytes(pid: int) -> int | None:
@@ -75,9 +77,18 @@ class _Tree:
         self._extra_procs: dict[int, psutil.Process] = {}
         with contextlib.suppress(psutil.Error):
             self.procs[root] = psutil.Process(root)
+        self.extra_cpu0: dict[int, float] = {}
         for pid in extra:
             with contextlib.suppress(psutil.Error):
                 self._extra_procs[pid] = psutil.Process(pid)
+                self.extra_cpu0[pid] = _cpu_of(self._extra_procs[pid])
+
+    def extra_cpu(self) -> dict[int, float]:
+        out = {}
+        for pid, proc in self._extra_procs.items():
+            with contextlib.suppress(psutil.Error):
+                out[pid] = _cpu_of(proc) - self.extra_cpu0[pid]
+        return out
 
     def sample(self) -> None:
         root = self.procs.get(self.root)
@@ -144,6 +155,7 @@ def measure(
         _kill_group(proc)
         raise
     wall = time.perf_counter() - t0
+    extra_cpu = tree.extra_cpu()
     proc.returncode = os.waitstatus_to_exitcode(status)
     # Descendants reaped by the root count in ru_maxrss (KiB on Linux, bytes on macOS).
     scale = 1 if os.uname().sysname == "Darwin" else 1024
@@ -158,7 +170,13 @@ def measure(
         main_rss_mb=tree.peak.get(proc.pid, reaped) / MB,
         processes=len(tree.procs),
         extra_rss_mb={pid: v / MB for pid, v in tree.extra.items() if v},
+        extra_cpu_s=extra_cpu,
     )
+
+
+def _cpu_of(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

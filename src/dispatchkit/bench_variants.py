@@ -13,19 +13,14 @@ Variants:
 ``pandas``      the monolith: ``pd.read_parquet`` of the whole file, then a group-by
                 ``apply`` calling the task's interval once per (country, hour);
 ``embedded``    :func:`dispatchkit.runner.run_embedded`;
-``kafka``       :func:`dispatchkit.kafka_run.run_kafka` (its workers are ``dispatchkit
-                worker`` processes), then the per-worker rates read back from the results
-                topic;
 ``dispatcher``  read, validate, cut and encode job batches with no transport at all;
-``kafka-staged`` dispatch everything to Kafka first, then start the workers and drain.
+``kafka*``      the variants on Kafka, in :mod:`dispatchkit.bench_kafka`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -126,7 +121,7 @@ def pandas_monolith(spec: dict[str, Any]) -> tuple[pl.DataFrame, dict[str, float
 # -- dispatchkit ------------------------------------------------------------------------
 
 
-def _run_spec(spec: dict[str, Any]) -> Any:
+def run_spec_of(spec: dict[str, Any]) -> Any:
     from dispatchkit.runner import RunSpec
 
     return RunSpec(
@@ -140,7 +135,7 @@ def _run_spec(spec: dict[str, Any]) -> Any:
     )
 
 
-def _settings(spec: dict[str, Any]) -> Any:
+def settings_of(spec: dict[str, Any]) -> Any:
     from dispatchkit.config import load_settings
 
     # Servers and librdkafka options come in the environment, as workers get them.
@@ -156,8 +151,8 @@ def _settings(spec: dict[str, Any]) -> Any:
 def embedded(spec: dict[str, Any]) -> Outcome:
     from dispatchkit.runner import run_embedded
 
-    summary = run_embedded(_run_spec(spec))
-    _require_complete(summary)
+    summary = run_embedded(run_spec_of(spec))
+    require_complete(summary)
     return Outcome(
         "embedded",
         0.0,
@@ -169,59 +164,12 @@ def embedded(spec: dict[str, Any]) -> Outcome:
     )
 
 
-def kafka(spec: dict[str, Any]) -> Outcome:
-    from dispatchkit.kafka_run import run_kafka
-
-    settings = _settings(spec)
-    run_spec = _run_spec(spec)
-    summary = run_kafka(run_spec, settings)
-    _require_complete(summary)
-    return Outcome(
-        "kafka",
-        0.0,
-        0.0,
-        summary.rows_valid,
-        summary.jobs_done,
-        dict(summary.seconds),
-        run_id=summary.run_id,
-    )
-
-
-def kafka_staged(spec: dict[str, Any]) -> Outcome:
-    from dispatchkit.kafka_run import collect, dispatch, spawn_worker
-
-    settings = _settings(spec)
-    run_spec = _run_spec(spec)
-    t0 = time.perf_counter()
-    sent = dispatch(run_spec, settings)
-    t_dispatch = time.perf_counter() - t0
-    procs = [
-        spawn_worker(settings, f"{os.getpid()}-{i}", "--attempts", "3")
-        for i in range(spec["workers"])
-    ]
-    try:
-        summary = collect(settings, sent.run_id, run_spec.out, report=False)
-    finally:
-        _stop(procs)
-    _require_complete(summary)
-    phases = {"dispatch": t_dispatch, "drain": time.perf_counter() - t0 - t_dispatch}
-    return Outcome(
-        "kafka-staged",
-        0.0,
-        0.0,
-        sent.rows_valid,
-        summary.jobs_done,
-        phases,
-        run_id=sent.run_id,
-    )
-
-
 def dispatcher_only(spec: dict[str, Any]) -> Outcome:
     from dispatchkit.dispatcher import Dispatcher
     from dispatchkit.message import encode
     from dispatchkit.runner import prepare
 
-    run_spec = _run_spec(spec)
+    run_spec = run_spec_of(spec)
     t0 = time.perf_counter()
     prep = prepare(run_spec)
     t_prepare = time.perf_counter() - t0
@@ -235,66 +183,9 @@ def dispatcher_only(spec: dict[str, Any]) -> Outcome:
     return Outcome("dispatcher", 0.0, 0.0, d.stats.rows_cut, d.stats.jobs, phases, extra=extra)
 
 
-def _require_complete(summary: Any) -> None:
+def require_complete(summary: Any) -> None:
     if summary.status != "complete":
         raise SystemExit(f"run {summary.run_id} ended {summary.status}: {summary.failed_jobs[:3]}")
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
-
-
-def worker_rates(spec: dict[str, Any], run_id: str) -> list[float]:
-    """Jobs/s of each worker while it worked, from its result records' timestamps.
-
-    A worker's span runs from its first to its last result record (CreateTime, set
-    when the worker produced it), so start-up and group joining are left out; the jobs
-    of its first batch, finished before the span opens, are left out too.
-    """
-    from dispatchkit.brokers.kafka import H_RUN, headers_of, scan
-    from dispatchkit.message import ResultBatch, decode
-
-    settings = _settings(spec)
-    seen: dict[str, list[tuple[float, int]]] = {}
-    for msg in scan(settings, settings.results_topic):
-        if headers_of(msg).get(H_RUN) != run_id:
-            continue
-        rb = decode(msg.value(), ResultBatch)
-        seen.setdefault(rb.worker, []).append((msg.timestamp()[1] / 1000.0, len(rb.results)))
-    rates = []
-    for stamps in seen.values():
-        stamps.sort()
-        span = stamps[-1][0] - stamps[0][0]
-        if len(stamps) > 1 and span > 0:
-            rates.append(sum(n for _, n in stamps[1:]) / span)
-    return sorted(rates, reverse=True)
-
-
-def delete_topics(spec: dict[str, Any]) -> None:
-    """Drop the run's topics (best effort): a shared cluster should not fill up."""
-    from confluent_kafka.admin import AdminClient
-
-    settings = _settings(spec)
-    admin = AdminClient(settings.client_config())
-    topics = [
-        settings.jobs_topic,
-        settings.results_topic,
-        settings.manifests_topic,
-        settings.dlq_topic,
-    ]
-    for fut in admin.delete_topics(topics, operation_timeout=30).values():
-        try:
-            fut.result(30)
-        except Exception as exc:  # cleanup only: never fail the bench
-            print(f"could not delete a bench topic: {exc}", file=sys.stderr)
 
 
 # -- entry point ------------------------------------------------------------------------
@@ -305,8 +196,6 @@ SINGLE: dict[str, Callable[[dict[str, Any]], tuple[pl.DataFrame, dict[str, float
 }
 DISPATCHKIT: dict[str, Callable[[dict[str, Any]], Outcome]] = {
     "embedded": embedded,
-    "kafka": kafka,
-    "kafka-staged": kafka_staged,
     "dispatcher": dispatcher_only,
 }
 
@@ -322,16 +211,23 @@ def run_variant(spec: dict[str, Any]) -> Outcome:
         normalize(df).write_parquet(check)
         rows = int(pl.scan_parquet(spec["input"]).select(pl.len()).collect().item())
         return Outcome(name, wall, cpu, rows, df.height, phases, check=str(check))
+    if name.startswith("kafka"):
+        from dispatchkit import bench_kafka
+
+        variant = bench_kafka.VARIANTS[name]
+    else:
+        variant = DISPATCHKIT[name]
     c0, t0 = _cpu(), time.perf_counter()
-    outcome = DISPATCHKIT[name](spec)
-    outcome.wall_s, outcome.cpu_s = time.perf_counter() - t0, _cpu() - c0
+    outcome = variant(spec)
+    if not outcome.wall_s:  # a variant that warms up first times itself
+        outcome.wall_s, outcome.cpu_s = time.perf_counter() - t0, _cpu() - c0
     results = Path(spec["run_dir"]) / "results.parquet"
     if results.exists():
         normalize(pl.read_parquet(results)).write_parquet(check)
         outcome.check = str(check)
-    if name in ("kafka", "kafka-staged"):
-        outcome.worker_jobs_per_s = worker_rates(spec, outcome.run_id)
-        delete_topics(spec)
+    if name.startswith("kafka"):
+        outcome.worker_jobs_per_s = bench_kafka.worker_rates(spec, outcome.run_id)
+        bench_kafka.delete_topics(spec)
     return outcome
 
 
@@ -339,7 +235,7 @@ def _preload(name: str) -> None:
     """Import what the variant needs before its clock starts."""
     if name == "pandas":
         import pandas  # noqa: F401
-    elif name in DISPATCHKIT:
+    elif name in DISPATCHKIT or name.startswith("kafka"):
         import dispatchkit.dispatcher
         import dispatchkit.runner
         import dispatchkit.store

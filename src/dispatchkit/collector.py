@@ -9,6 +9,7 @@ row per job part. It stops when the run's manifest says every job is done, or, a
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,11 +22,13 @@ from dispatchkit import faults
 from dispatchkit.brokers.kafka import H_RUN, KafkaBroker, headers_of, scan
 from dispatchkit.config import KafkaSettings
 from dispatchkit.dispatcher import iso_hour
-from dispatchkit.errors import RunError
+from dispatchkit.errors import BrokerError, FatalBrokerError, RunError
 from dispatchkit.message import JobBatch, Manifest, ResultBatch, decode
 from dispatchkit.progress import Bars
 from dispatchkit.runner import STORE_NAME, RunSummary, finish
 from dispatchkit.store import ResultStore
+
+log = logging.getLogger(__name__)
 
 
 def worker_group(settings: KafkaSettings) -> str:
@@ -78,7 +81,12 @@ def collect(
                 if (manifest is None or manifest.status != "dispatched") and (
                     now - last_manifest_check > 2.0
                 ):
-                    manifest = broker.read_manifest(run_id)
+                    try:
+                        manifest = broker.read_manifest(run_id)
+                    except FatalBrokerError:
+                        raise
+                    except BrokerError as exc:  # a broker restarting: try again later
+                        log.warning("collector: %s", exc)
                     last_manifest_check = now
                     if manifest is not None:
                         store.start_run(run_id, manifest.input_fingerprint, "kafka", manifest.task)
@@ -100,7 +108,12 @@ def collect(
                 if manifest is not None and manifest.status == "dispatched":
                     # Dead letters only matter once results stop coming.
                     if now - last_dlq_check > 3.0 and now - last_progress > 1.0:
-                        dead = dead_jobs(settings, run_id, check=False)
+                        try:
+                            dead = dead_jobs(settings, run_id, check=False)
+                        except FatalBrokerError:
+                            raise
+                        except BrokerError as exc:  # a broker restarting: try again later
+                            log.warning("collector: %s", exc)
                         last_dlq_check = now
                     missing = manifest.total_jobs - done
                     if missing == 0:

@@ -175,7 +175,7 @@ class KafkaBroker(Broker):
         if self._producer is None:
             ensure_topics(self.settings)
             self._producer = Producer(
-                self.settings.client_config(**PRODUCER_DEFAULTS, **self._producer_overrides())
+                self.settings.client_config(**{**PRODUCER_DEFAULTS, **self._producer_overrides()})
             )
         return self._producer
 
@@ -268,6 +268,10 @@ class KafkaBroker(Broker):
                 self.settings.client_config(
                     **{
                         "group.id": self.collector_group,
+                        # Static membership: a collector restarted after a crash takes its
+                        # dead predecessor's place at once instead of waiting out the old
+                        # member's session (librdkafka's default session.timeout.ms: 45 s).
+                        "group.instance.id": self.collector_group,
                         "enable.auto.commit": False,
                         "auto.offset.reset": "earliest",
                         "isolation.level": "read_committed",
@@ -317,10 +321,16 @@ class KafkaBroker(Broker):
         try:
             self._consumer.commit(asynchronous=False)
         except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
+            err: KafkaError = exc.args[0]
+            if err.code() == KafkaError._NO_OFFSET:
+                return
+            if err.fatal():
                 raise wrap_kafka_error(
                     exc, "cannot commit collector offsets", self.settings.redact
                 ) from None
+            # The results are stored already: the next flush commits again, and whatever a
+            # restarted collector reads twice meanwhile, the store ignores.
+            log.warning("collector: commit failed (%s); committing at the next flush", err.str())
 
     # -- reading whole topics ----------------------------------------------------------
 
@@ -372,6 +382,15 @@ def scan(
     ``check`` first makes sure the cluster answers (a clear error for bad credentials);
     callers that scan repeatedly check once.
     """
+    try:
+        yield from _scan(settings, topic, timeout, committed_only, check)
+    except KafkaException as exc:
+        raise wrap_kafka_error(exc, f"cannot read {topic}", settings.redact) from None
+
+
+def _scan(
+    settings: KafkaSettings, topic: str, timeout: float, committed_only: bool, check: bool
+) -> Iterable[Any]:
     if check:
         connect(settings)
     consumer = Consumer(

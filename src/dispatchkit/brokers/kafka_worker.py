@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -51,6 +52,16 @@ T = TypeVar("T")
 
 #: Seconds a task may run inline before the partitions are paused and polling goes on.
 INLINE_SECONDS = 0.5
+#: Timeout of each transactional call, and how much longer we wait for it to return:
+#: librdkafka can block in ``send_offsets_to_transaction`` far past its timeout once the
+#: group coordinator went away (confluentinc/librdkafka#5456, #5511). Such a producer is
+#: abandoned and replaced (:meth:`KafkaJobSource._replace_producer`).
+TXN_TIMEOUT = 10.0
+TXN_GRACE = 5.0
+
+
+class _Wedged(Exception):
+    """A transactional call did not return within ``TXN_TIMEOUT + TXN_GRACE`` seconds."""
 
 
 def default_worker_id() -> str:
@@ -91,6 +102,7 @@ class KafkaJobSource(JobSource):
         self._txn_started = 0.0
         self._assigned: set[tuple[str, int]] = set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dispatchkit-task")
+        self._abandoned: list[Producer | None] = []
         self.committed_batches = 0
         self.aborts = 0
         self.dropped = 0
@@ -117,17 +129,7 @@ class KafkaJobSource(JobSource):
             conf["session.timeout.ms"] = self.session_timeout_ms
             conf["heartbeat.interval.ms"] = max(250, self.session_timeout_ms // 5)
         self._consumer = Consumer(self.settings.client_config(**conf))
-        self._producer = Producer(
-            self.settings.client_config(
-                **{
-                    **PRODUCER_DEFAULTS,
-                    "transactional.id": f"{self.settings.topic_prefix}.worker.{self.worker_id}",
-                    "transaction.timeout.ms": 60_000,
-                    "linger.ms": 5,
-                }
-            )
-        )
-        self._call(lambda p: p.init_transactions(30))
+        self._new_producer()
         self._consumer.subscribe(
             [self.settings.jobs_topic],
             on_assign=self._on_assign,
@@ -147,14 +149,65 @@ class KafkaJobSource(JobSource):
         assert self._producer is not None
         return self._producer
 
-    def _call(self, fn: Any) -> Any:
+    def _new_producer(self) -> None:
+        self._producer = Producer(
+            self.settings.client_config(
+                **{
+                    **PRODUCER_DEFAULTS,
+                    "transactional.id": f"{self.settings.topic_prefix}.worker.{self.worker_id}",
+                    "transaction.timeout.ms": 60_000,
+                    "linger.ms": 5,
+                }
+            )
+        )
         try:
-            return fn(self._producer)
-        except KafkaException as exc:
+            self._call(lambda p: p.init_transactions(TXN_TIMEOUT))
+        except _Wedged:
+            raise FatalBrokerError("producer: init_transactions did not return") from None
+
+    def _call(self, fn: Any) -> Any:
+        """Run a transactional call on a helper thread; :class:`_Wedged` if it never returns."""
+        producer = self._producer
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def target() -> None:
+            try:
+                box["value"] = fn(producer)
+            except BaseException as exc:
+                box["error"] = exc
+            finally:
+                done.set()
+
+        # A daemon thread: one stuck inside librdkafka must not keep the process alive.
+        threading.Thread(target=target, name="dispatchkit-txn", daemon=True).start()
+        if not done.wait(TXN_TIMEOUT + TXN_GRACE):
+            raise _Wedged()
+        exc = box.get("error")
+        if exc is None:
+            return box.get("value")
+        if isinstance(exc, KafkaException):
             err: KafkaError = exc.args[0]
             if err.fatal():
                 raise FatalBrokerError(self.settings.redact(f"producer: {err.str()}")) from None
-            raise
+        raise exc
+
+    def _replace_producer(self) -> None:
+        """Abandon a wedged producer. Its successor (same transactional.id) fences it and
+        aborts its open transaction; the consumer rewinds, so those batches are redone."""
+        log.warning(
+            "%s: a transactional call hung for %.0f s; replacing the producer",
+            self.worker_id,
+            TXN_TIMEOUT + TXN_GRACE,
+        )
+        # Keep the old client referenced: destroying it while a call is stuck would block.
+        self._abandoned.append(self._producer)
+        self._in_txn = False
+        self._offsets.clear()
+        self._txn_batches = 0
+        self._buffer.clear()
+        self._new_producer()
+        self._rewind()
 
     # -- rebalances --------------------------------------------------------------------
 
@@ -214,6 +267,11 @@ class KafkaJobSource(JobSource):
             return future.result(timeout=INLINE_SECONDS)
         except TimeoutError:
             pass
+        # A transaction must not stay open for a long job: the coordinator aborts one that
+        # outlives transaction.timeout.ms and the producer is then fenced (fatal), every
+        # time the job is redone. Commit what is acked so far first.
+        if self._in_txn:
+            self._commit()
         consumer = self.consumer
         paused = consumer.assignment()
         consumer.pause(paused)
@@ -367,12 +425,16 @@ class KafkaJobSource(JobSource):
                 if offsets:
                     self._call(
                         lambda p: p.send_offsets_to_transaction(
-                            offsets, self.consumer.consumer_group_metadata(), 30
+                            offsets, self.consumer.consumer_group_metadata(), TXN_TIMEOUT
                         )
                     )
-                self._call(lambda p: p.commit_transaction(30))
+                self._call(lambda p: p.commit_transaction(TXN_TIMEOUT))
                 self.committed_batches += self._txn_batches
                 break
+            except _Wedged:
+                self.aborts += 1
+                self._replace_producer()
+                return
             except KafkaException as exc:
                 err: KafkaError = exc.args[0]
                 if err.retriable() and time.monotonic() < deadline:
@@ -390,10 +452,25 @@ class KafkaJobSource(JobSource):
 
     def _abort(self, *, rewind: bool) -> None:
         self.aborts += 1
-        try:
-            self._call(lambda p: p.abort_transaction(30))
-        except KafkaException as exc:
-            log.warning("%s: abort failed: %s", self.worker_id, exc.args[0].str())
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                self._call(lambda p: p.abort_transaction(TXN_TIMEOUT))
+                break
+            except _Wedged:
+                self._replace_producer()
+                return
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                # A timed-out abort is resumed by calling it again. A producer that cannot
+                # abort cannot begin the next transaction either: exit for a restart.
+                if err.retriable() and time.monotonic() < deadline:
+                    log.warning("%s: abort failed (%s); retrying", self.worker_id, err.str())
+                    time.sleep(0.5)
+                    continue
+                raise FatalBrokerError(
+                    self.settings.redact(f"cannot abort a transaction: {err.str()}")
+                ) from None
         self._in_txn = False
         self._offsets.clear()
         self._txn_batches = 0
@@ -407,7 +484,23 @@ class KafkaJobSource(JobSource):
         assignment = consumer.assignment()
         if not assignment:
             return
-        for tp in consumer.committed(assignment, timeout=30):
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                committed = consumer.committed(assignment, timeout=30)
+                break
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                # NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS, timeouts: the coordinator
+                # moves or loads. Going on without the rewind would skip the aborted
+                # batches, so in the end give up (exit for a restart), never go on.
+                if err.fatal() or time.monotonic() > deadline:
+                    raise FatalBrokerError(
+                        self.settings.redact(f"cannot read committed offsets: {err.str()}")
+                    ) from None
+                log.warning("%s: committed offsets: %s; retrying", self.worker_id, err.str())
+                time.sleep(0.5)
+        for tp in committed:
             if tp.offset >= 0:
                 consumer.seek(tp)
             else:
