@@ -410,9 +410,7 @@ def _scan(
         ends: dict[int, int] = {}
         assignment = []
         for p in md.partitions:
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(topic, p), timeout=timeout, cached=False
-            )
+            low, high = _watermarks(consumer, TopicPartition(topic, p), timeout)
             if high > low:
                 ends[p] = high
                 assignment.append(TopicPartition(topic, p, OFFSET_BEGINNING))
@@ -437,3 +435,28 @@ def _scan(
             raise BrokerError(f"could not read {topic} to its end within {timeout:.0f} s")
     finally:
         consumer.close()
+
+
+def _watermarks(consumer: Consumer, tp: TopicPartition, timeout: float) -> tuple[int, int]:
+    """A partition's watermarks, retrying while its leader moves (or is still being elected)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout, cached=False)
+            return int(low), int(high)
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.fatal() or (not err.retriable() and err.code() not in _LEADER_ERRORS):
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+_LEADER_ERRORS = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._TIMED_OUT,
+    KafkaError._TRANSPORT,
+}
