@@ -178,7 +178,7 @@ def dispatcher_only(spec: dict[str, Any]) -> Outcome:
         nbytes = sum(len(encode(batch)) for batch in d.batches())
     if d.stats.rows_cut != prep.counts.rows_valid:
         raise SystemExit(f"dispatcher cut {d.stats.rows_cut} of {prep.counts.rows_valid} rows")
-    phases = {"prepare": t_prepare, "cut_encode": time.perf_counter() - t0 - t_prepare}
+    phases = {"prepare": t_prepare, "sort_cut_encode": time.perf_counter() - t0 - t_prepare}
     extra = {"batches": float(d.stats.batches), "bytes": float(nbytes)}
     return Outcome("dispatcher", 0.0, 0.0, d.stats.rows_cut, d.stats.jobs, phases, extra=extra)
 
