@@ -8,25 +8,84 @@ The library API — everything the CLI does is one of these calls::
     summary = run_embedded(RunSpec(input="data/covid.parquet", out=Path("out"), workers=4))
 """
 
-from dispatchkit.brokers.base import Broker, Delivery, JobSource, Rejection
-from dispatchkit.brokers.embedded import EmbeddedBroker
-from dispatchkit.config import KafkaSettings, Secret, load_settings
-from dispatchkit.dispatcher import Dispatcher, job_id
-from dispatchkit.errors import (
-    BrokerError,
-    DecodeError,
-    DispatchkitError,
-    InputError,
-    RunError,
-    UsageError,
-)
-from dispatchkit.generator import GenerateSpec, generate
-from dispatchkit.message import Job, JobBatch, JobResult, Manifest, ResultBatch, decode, encode
-from dispatchkit.reader import InputReader
-from dispatchkit.runner import RunSpec, RunSummary, run_embedded
-from dispatchkit.store import ResultStore
-from dispatchkit.task import TASKS, Task, positive_rate
-from dispatchkit.worker import RetryPolicy, Worker
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dispatchkit.brokers.base import Broker, Delivery, JobSource, Rejection
+    from dispatchkit.brokers.embedded import EmbeddedBroker
+    from dispatchkit.config import KafkaSettings, Secret, load_settings
+    from dispatchkit.dispatcher import Dispatcher, job_id
+    from dispatchkit.errors import (
+        BrokerError,
+        DecodeError,
+        DispatchkitError,
+        InputError,
+        RunError,
+        UsageError,
+    )
+    from dispatchkit.generator import GenerateSpec, generate
+    from dispatchkit.message import Job, JobBatch, JobResult, Manifest, ResultBatch, decode, encode
+    from dispatchkit.reader import InputReader
+    from dispatchkit.runner import RunSpec, RunSummary, run_embedded
+    from dispatchkit.store import ResultStore
+    from dispatchkit.task import TASKS, Task, positive_rate
+    from dispatchkit.worker import RetryPolicy, Worker
+
+# Every name of the API, and the module that defines it. Imported on first use (PEP 562):
+# a worker process that only needs the worker loop must not pay for DuckDB, Faker and
+# matplotlib (about 1 s of CPU per process start).
+_LAZY: dict[str, str] = {
+    "Broker": "dispatchkit.brokers.base",
+    "BrokerError": "dispatchkit.errors",
+    "DecodeError": "dispatchkit.errors",
+    "Delivery": "dispatchkit.brokers.base",
+    "Dispatcher": "dispatchkit.dispatcher",
+    "DispatchkitError": "dispatchkit.errors",
+    "EmbeddedBroker": "dispatchkit.brokers.embedded",
+    "GenerateSpec": "dispatchkit.generator",
+    "InputError": "dispatchkit.errors",
+    "InputReader": "dispatchkit.reader",
+    "Job": "dispatchkit.message",
+    "JobBatch": "dispatchkit.message",
+    "JobResult": "dispatchkit.message",
+    "JobSource": "dispatchkit.brokers.base",
+    "KafkaSettings": "dispatchkit.config",
+    "Manifest": "dispatchkit.message",
+    "Rejection": "dispatchkit.brokers.base",
+    "ResultBatch": "dispatchkit.message",
+    "ResultStore": "dispatchkit.store",
+    "RetryPolicy": "dispatchkit.worker",
+    "RunError": "dispatchkit.errors",
+    "RunSpec": "dispatchkit.runner",
+    "RunSummary": "dispatchkit.runner",
+    "Secret": "dispatchkit.config",
+    "TASKS": "dispatchkit.task",
+    "Task": "dispatchkit.task",
+    "UsageError": "dispatchkit.errors",
+    "Worker": "dispatchkit.worker",
+    "decode": "dispatchkit.message",
+    "encode": "dispatchkit.message",
+    "generate": "dispatchkit.generator",
+    "job_id": "dispatchkit.dispatcher",
+    "load_settings": "dispatchkit.config",
+    "positive_rate": "dispatchkit.task",
+    "run_embedded": "dispatchkit.runner",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dispatchkit' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

@@ -27,6 +27,7 @@ import hashlib
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -207,8 +208,8 @@ class Dispatcher:
         for batch in self.reader.sorted_valid():
             if batch.num_rows == 0:
                 continue
-            key = batch.column(0).to_numpy().astype(np.int64)
-            pos = batch.column(1).to_numpy(zero_copy_only=False).astype(np.bool_)
+            key = _values(batch.column(0), np.int64)
+            pos = _values(batch.column(1), np.uint8).view(np.bool_)
             # Cutting relies on the sort: a key seen again later would become a second job
             # with the same id, and the store would keep only one of them.
             if key[0] < last or bool((key[1:] < key[:-1]).any()):
@@ -228,6 +229,20 @@ class Dispatcher:
                 on_rows(batch.num_rows)
         if carry_key.size:
             yield from _pack(carry_key, carry_pos, np.array([0]), np.array([carry_key.size]))
+
+
+def _values(column: Any, dtype: type[np.generic]) -> npt.NDArray[Any]:
+    """A fixed-width Arrow column without nulls, as a zero-copy numpy view.
+
+    Not ``to_numpy()``: where pandas is installed, pyarrow imports it on first use, which
+    costs a dispatcher 0.3-1 s (and pandas is not even a dependency of dispatchkit).
+    """
+    if column.null_count:
+        raise RunError("internal check failed: a null among the sorted job keys")
+    width = np.dtype(dtype).itemsize
+    return np.frombuffer(
+        column.buffers()[1], dtype=dtype, count=len(column), offset=column.offset * width
+    )
 
 
 def _pack(

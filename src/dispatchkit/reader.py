@@ -353,7 +353,7 @@ class InputReader:
         reader: Any = self.con.sql(
             f"""
             SELECT (k.cid::BIGINT << 32) | (c.ts // 3600) AS key,
-                   c.res IN ({_sql_list(POSITIVE)}) AS pos
+                   (c.res IN ({_sql_list(POSITIVE)}))::UTINYINT AS pos
             FROM checked c JOIN country_ids k USING (country_t)
             WHERE c.reason IS NULL
             ORDER BY key

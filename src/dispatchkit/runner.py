@@ -22,7 +22,6 @@ from dispatchkit.errors import InputError, RunError
 from dispatchkit.message import JobBatch, decode
 from dispatchkit.progress import Bars
 from dispatchkit.reader import InputReader, RowCounts, fingerprint, resolve_inputs
-from dispatchkit.report import plot_report
 from dispatchkit.schema import DEFAULT_END, DEFAULT_START
 from dispatchkit.store import ResultStore, write_results
 from dispatchkit.task import get_task
@@ -148,6 +147,8 @@ def finish(
     summary.files["results.csv"] = csv_path
     summary.jobs_done = results.height
     if report and results.height:
+        from dispatchkit.report import plot_report  # matplotlib costs ~0.4 s to import
+
         summary.files["report.png"] = plot_report(results, out / "report.png")
     summary.seconds["export"] = time.perf_counter() - t0
 

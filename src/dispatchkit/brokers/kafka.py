@@ -214,7 +214,12 @@ class KafkaBroker(Broker):
 
     def open_run(self, manifest: Manifest) -> None:
         self.run_id = manifest.run_id
-        self._publish_manifest(manifest)
+        # Not waited for: the producer's first delivery waits for its connection and its
+        # idempotence PID (~0.5 s of a 2 s dispatch of 2M rows), time better spent cutting
+        # jobs. close_run flushes first, so a failed delivery still fails the dispatch
+        # before the final manifest is written; the rerun then finds no manifest and
+        # publishes every job again, which the store's job ids make harmless.
+        self._publish_manifest(manifest, wait=False)
 
     def publish(self, batch: JobBatch) -> None:
         self._produce(
@@ -233,14 +238,15 @@ class KafkaBroker(Broker):
         self.flush()
         self._publish_manifest(manifest)
 
-    def _publish_manifest(self, manifest: Manifest) -> None:
+    def _publish_manifest(self, manifest: Manifest, *, wait: bool = True) -> None:
         self._produce(
             self.settings.manifests_topic,
             manifest.run_id.encode(),
             encode(manifest),
             [(H_KIND, b"manifest"), (H_VERSION, b"1"), (H_RUN, manifest.run_id.encode())],
         )
-        self.flush()
+        if wait:
+            self.flush()
 
     def flush(self, timeout: float = 120.0) -> None:
         """Wait for every delivery report; raise if any failed or any is still queued."""
