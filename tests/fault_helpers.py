@@ -8,11 +8,14 @@ chatty worker during a broker outage) so a failing test can show what they did.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -63,6 +66,17 @@ def make_input(path: Path, *, rows: int, days: int, countries: int = 20, seed: i
 # -- brokers of our own -----------------------------------------------------------------
 
 
+#: First ports for our own instances: 300 apart, all ports below the ephemeral range
+#: (32768+), clear of the shared test broker (39092) and the usual instances (9092,
+#: 29092, 45092, 49092).
+BASE_PORTS = [p for p in range(20092, 32400, 300) if p != 29092]
+#: Lock files that reserve a first port for as long as the process that took it lives,
+#: across every test run on this machine (another checkout's suite included): a broker
+#: stopped for a restart test leaves its ports free for a few seconds, and must find
+#: them free again.
+PORT_LOCKS = Path(tempfile.gettempdir()) / "dispatchkit-test-ports"
+
+
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -73,12 +87,21 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def free_base_port(brokers: int, candidates: range = range(31092, 39000, 300)) -> int:
-    """A first port whose client and controller ports are all free (instances ≥ 300 apart)."""
-    for base in candidates:
+def reserve_base_port(brokers: int) -> tuple[int, int]:
+    """A first port whose client, controller and internal ports are free, reserved with a
+    lock file; returns ``(port, lock fd)`` (closing the fd releases it)."""
+    PORT_LOCKS.mkdir(exist_ok=True)
+    for base in random.sample(BASE_PORTS, len(BASE_PORTS)):
+        fd = os.open(PORT_LOCKS / f"{base}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
         ports = [base + off + i for off in (0, 100, 200) for i in range(brokers)]
         if all(_port_free(p) for p in ports):
-            return base
+            return base, fd
+        os.close(fd)
     raise RuntimeError("no free port range for a Kafka instance")
 
 
@@ -98,19 +121,30 @@ class OwnKafka:
     brokers: int = 1
     name: str = field(default_factory=lambda: f"faults-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     bootstrap: str = ""
+    _lock: int = -1
 
     def start(self) -> str:
-        """Create and start the instance (on free ports), or start it again."""
+        """Create and start the instance (on reserved free ports), or start it again."""
         if self.bootstrap:
             return _kafka("start", "--name", self.name)
-        port = free_base_port(self.brokers)
-        self.bootstrap = _kafka(
-            "start", "--name", self.name, "--port", str(port), "--brokers", str(self.brokers)
-        )
+        port, self._lock = reserve_base_port(self.brokers)
+        self.bootstrap = ",".join(f"127.0.0.1:{port + i}" for i in range(self.brokers))
+        _kafka("start", "--name", self.name, "--port", str(port), "--brokers", str(self.brokers))
         return self.bootstrap
 
     def purge(self) -> None:
-        _kafka("stop", "--name", self.name, "--purge")
+        """Stop the nodes and delete the instance (also after a start that failed)."""
+        try:
+            subprocess.run(
+                [KAFKA, "stop", "--name", self.name, "--purge"],
+                capture_output=True,
+                timeout=150,
+                check=False,
+            )
+        finally:
+            if self._lock >= 0:
+                os.close(self._lock)
+                self._lock = -1
 
     def pid(self, node: int = 1) -> int:
         return int(_kafka("pid", "--name", self.name, "--node", str(node)))

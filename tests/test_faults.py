@@ -88,8 +88,8 @@ def wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def own_single() -> Iterator[OwnKafka]:
     kafka = OwnKafka(brokers=1)
-    kafka.start()
     try:
+        kafka.start()
         yield kafka
     finally:
         kafka.purge()
@@ -106,8 +106,8 @@ def single(own_single: OwnKafka) -> OwnKafka:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[OwnKafka]:
     kafka = OwnKafka(brokers=3)
-    kafka.start()
     try:
+        kafka.start()
         yield kafka
     finally:
         kafka.purge()
@@ -333,9 +333,10 @@ def test_dispatcher_crash_mid_publish_and_rerun(wide: Path, tmp_path: Path) -> N
     """The dispatcher dies after queueing 600 of 1,200 batches; the rerun publishes only
     the ones that did not reach the broker.
 
-    With ``batch.num.messages=1`` the first batches are on the wire at once; with the
-    default 20 ms of linger a fast machine queues all 600 before one is sent, and the
-    crash loses them all (a rerun then publishes everything, which proves little).
+    The producer's queue is kept to 50 messages, so the dispatcher can only queue batch
+    600 once most of the ones before it were sent. Otherwise a fast machine queues all
+    600 before the producer has even connected, the crash loses them all, and the rerun
+    publishes everything, which proves little.
     """
     settings = new_settings()
     fleet = Fleet(settings, tmp_path / "logs")
@@ -348,7 +349,7 @@ def test_dispatcher_crash_mid_publish_and_rerun(wide: Path, tmp_path: Path) -> N
             tmp_path / "dispatch-1.log",
             {
                 "DISPATCHKIT_TEST_FAULTS": "crash:dispatch.mid_publish@600",
-                "DISPATCHKIT_KAFKA_BATCH_NUM_MESSAGES": "1",
+                "DISPATCHKIT_KAFKA_QUEUE_BUFFERING_MAX_MESSAGES": "50",
             },
         )
         assert first.wait(120) == 137, (tmp_path / "dispatch-1.log").read_text()

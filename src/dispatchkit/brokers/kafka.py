@@ -214,12 +214,10 @@ class KafkaBroker(Broker):
 
     def open_run(self, manifest: Manifest) -> None:
         self.run_id = manifest.run_id
-        # Not waited for: the producer's first delivery waits for its connection and its
-        # idempotence PID (~0.5 s of a 2 s dispatch of 2M rows), time better spent cutting
-        # jobs. close_run flushes first, so a failed delivery still fails the dispatch
-        # before the final manifest is written; the rerun then finds no manifest and
-        # publishes every job again, which the store's job ids make harmless.
-        self._publish_manifest(manifest, wait=False)
+        # Waited for: a rerun after a crash must find the run's manifest and the parts
+        # already published, or it publishes every job again (results stay exact, but the
+        # results topic would carry repeated records).
+        self._publish_manifest(manifest)
 
     def publish(self, batch: JobBatch) -> None:
         self._produce(
