@@ -12,10 +12,10 @@ import numpy as np
 import polars as pl
 import pytest
 
+from dispatchkit.bench_chart import plot_benchmark
 from dispatchkit.report import (
     DEFAULT_TITLE,
     daily_rates,
-    plot_benchmark,
     plot_report,
     plot_report_file,
 )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dispatchkit import __version__
-from dispatchkit.report import plot_benchmark
+from dispatchkit.bench_chart import plot_benchmark
 
 if TYPE_CHECKING:
     from dispatchkit.bench import BenchConfig
