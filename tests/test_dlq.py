@@ -147,17 +147,35 @@ def test_failing_job_is_dead_lettered_then_replayed(small_parquet: Path, tmp_pat
         timeout=60,
     )
     assert listed.returncode == 0 and "Portugal" in listed.stdout
+    assert replay(settings, run_id="dl") == (failing, 0)
+    # Replayed and still pending: a second replay publishes nothing.
+    assert replay(settings, run_id="dl") == (0, failing)
+
+    # The cause was not fixed after all: the replayed jobs are dead-lettered again...
+    broken = [
+        start(
+            ["worker", *kargs, "--worker-id", "b0", "--attempts", "2", "-q"],
+            {"DISPATCHKIT_TEST_FAULTS": "fail:Portugal"},
+        )
+    ]
+    try:
+        deadline = time.monotonic() + 120
+        while sum(len(e.jobs) for e in list_dead(settings, run_id="dl")) < 2 * failing:
+            assert time.monotonic() < deadline, "replayed jobs were not dead-lettered again"
+            time.sleep(1)
+    finally:
+        stop(broken)
+    # ... so they are replayed once more, to healthy workers this time.
     healthy = [start(["worker", *kargs, "--worker-id", "h0", "-q"])]
     try:
-        replayed, skipped = replay(settings, run_id="dl")
-        assert (replayed, skipped) == (failing, 0)
+        assert replay(settings, run_id="dl") == (failing, failing)
         summary = collect(settings, "dl", tmp_path, timeout=120)
     finally:
         stop(healthy)
     assert summary.status == "complete"
     assert_exact(pl.read_parquet(tmp_path / "results.parquet"), ref)
     assert max(committed_result_job_ids(settings, "dl").values()) == 1
-    # A second replay finds nothing left to do.
+    # Done: a further replay finds nothing left to do.
     assert replay(settings, run_id="dl")[0] == 0
 
 

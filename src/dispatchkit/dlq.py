@@ -2,20 +2,29 @@
 
 A dead letter keeps the original record's key and value; its headers say where it came
 from and why it failed (docs/wire-format.md). Replaying publishes the dead-lettered jobs
-of a run again — as fresh job batches on the jobs topic — unless their results are
-stored already; workers then treat them like any other job, and the collector completes
-the run.
+of a run again — as fresh job batches on the jobs topic, batch id ``<job>.<part>.replay``
+— unless their results are on the results topic already; workers then treat them like
+any other job, and the collector completes the run.
+
+Replay is safe to repeat. A job part has had one attempt from the dispatch plus one per
+replay published, and each dead letter of it records one attempt that failed; it is
+replayed again only when every attempt so far has been dead-lettered. A replay still
+pending (or running) is left alone, so two replays in a row publish a job once.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
-from dispatchkit.brokers.kafka import H_RUN, KafkaBroker, headers_of, scan
+from dispatchkit.brokers.kafka import H_BATCH, H_RUN, KafkaBroker, headers_of, scan
 from dispatchkit.config import KafkaSettings
 from dispatchkit.dispatcher import iso_hour
 from dispatchkit.errors import DecodeError
 from dispatchkit.message import SCHEMA_VERSION, Job, JobBatch, ResultBatch, decode
+
+#: The end of a replayed batch's id.
+REPLAY_SUFFIX = ".replay"
 
 
 @dataclass
@@ -67,10 +76,16 @@ def list_dead(
 def replay(
     settings: KafkaSettings, *, run_id: str | None = None, keys: list[str] | None = None
 ) -> tuple[int, int]:
-    """Republish dead-lettered jobs not yet done; returns (replayed, skipped)."""
+    """Republish dead-lettered jobs neither done nor already replayed and pending; returns
+    (replayed, skipped), counted per dead-lettered job (a payload that is no job batch
+    counts as skipped)."""
     entries = list_dead(settings, run_id=run_id, keys=keys)
     runs = {e.headers.get(H_RUN, "") for e in entries if e.jobs}
     done = {r: _done_parts(settings, r) for r in runs}
+    replays = {r: _replayed_parts(settings, r) for r in runs}
+    failures: Counter[tuple[str, str, int]] = Counter(
+        (e.headers.get(H_RUN, ""), job.job_id, job.part) for e in entries for job in e.jobs
+    )
     broker = KafkaBroker(settings)
     tasks = {r: _task_of(broker, r) for r in runs}
     replayed = skipped = 0
@@ -82,7 +97,8 @@ def replay(
             fresh = []
             for job in e.jobs:
                 key = (run, job.job_id, job.part)
-                if (job.job_id, job.part) in done.get(run, set()) or key in sent:
+                pending = failures[key] <= replays.get(run, Counter())[job.job_id, job.part]
+                if (job.job_id, job.part) in done.get(run, set()) or key in sent or pending:
                     skipped += 1
                     continue
                 sent.add(key)
@@ -94,7 +110,7 @@ def replay(
                     JobBatch(
                         v=SCHEMA_VERSION,
                         run_id=run,
-                        batch_id=f"{job.job_id}.{job.part}.replay",
+                        batch_id=f"{job.job_id}.{job.part}{REPLAY_SUFFIX}",
                         task=task,
                         jobs=[job],
                     )
@@ -109,6 +125,21 @@ def replay(
 def _task_of(broker: KafkaBroker, run_id: str) -> str:
     manifest = broker.read_manifest(run_id)
     return manifest.task if manifest is not None else "positive-rate"
+
+
+def _replayed_parts(settings: KafkaSettings, run_id: str) -> Counter[tuple[str, int]]:
+    """How often each ``(job_id, part)`` of the run has been replayed onto the jobs topic."""
+    out: Counter[tuple[str, int]] = Counter()
+    for msg in scan(settings, settings.jobs_topic):
+        headers = headers_of(msg)
+        if headers.get(H_RUN) != run_id or not headers.get(H_BATCH, "").endswith(REPLAY_SUFFIX):
+            continue
+        try:
+            batch = decode(msg.value(), JobBatch)
+        except DecodeError:
+            continue
+        out.update((j.job_id, j.part) for j in batch.jobs)
+    return out
 
 
 def _done_parts(settings: KafkaSettings, run_id: str) -> set[tuple[str, int]]:

@@ -439,17 +439,24 @@ class KafkaJobSource(JobSource):
                 self.producer.poll(0.1)
 
     def _commit(self) -> None:
-        """Send offsets and commit; retry what is retriable, abort what must be."""
+        """Send offsets and commit; retry what is retriable, abort what must be.
+
+        A retriable failure is resumed by repeating the call that failed, not the ones
+        before it: once ``send_offsets_to_transaction`` has succeeded, calling it again
+        while a commit is in progress is refused as a conflicting call.
+        """
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()]
+        offsets_sent = not offsets
         deadline = time.monotonic() + 120
         while True:
             try:
-                if offsets:
+                if not offsets_sent:
                     self._call(
                         lambda p: p.send_offsets_to_transaction(
                             offsets, self.consumer.consumer_group_metadata(), TXN_TIMEOUT
                         )
                     )
+                    offsets_sent = True
                 self._call(lambda p: p.commit_transaction(TXN_TIMEOUT))
                 self.committed_batches += self._txn_batches
                 break
