@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The pipeline benchmark of issue #2: the commands a user types, timed as they run.
+"""The pipeline benchmark: the commands a user types, timed as they run.
 
 In one run, on this machine:
 

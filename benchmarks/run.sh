@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full benchmark of docs/benchmarks.md: `dispatchkit bench` into bench-out/, then the
-# pipeline benchmark of issue #2 into bench-out/pipeline/. Inputs are generated once into
+# pipeline benchmark into bench-out/pipeline/. Inputs are generated once into
 # bench-out/data/ and shared. Extra arguments go to `dispatchkit bench`, e.g.
 #   benchmarks/run.sh --memory-scale 20000000     # also the 20M-row memory comparison
 #   benchmarks/run.sh --quick --no-kafka          # a smoke test

@@ -1,4 +1,4 @@
-"""Exact results through crashes (issue #4): fault injection against real Kafka brokers.
+"""Exact results through crashes: fault injection against real Kafka brokers.
 
 Every scenario runs a real pipeline — dispatcher, worker processes, collector — injects
 one kind of fault, and then checks the same three things (:func:`assert_run_exact`):
