@@ -1,4 +1,4 @@
-"""Secrets: SCRAM on a real broker, and no password in any output."""
+"""Secrets: SCRAM on a real broker, over plain TCP and over TLS, and no password in any output."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from .kafka_helpers import REPO
 PASSWORD = "s3cr3t-Pa55w0rd-xyzzy"
 USER = "dkuser"
 SCRAM_PORT = 36092
+TLS_PORT = 37092  # client 37092, controller 37192, internal 37292
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,128 @@ def test_scram_right_password_runs_wrong_password_fails_fast(
     everything = ok.stdout + ok.stderr + bad.stdout + bad.stderr
     assert everything.count(PASSWORD) == 0
     assert PASSWORD not in " ".join(Path(tmp_path).rglob("*").__repr__())
+
+
+@pytest.fixture(scope="module")
+def tls_broker() -> Iterator[tuple[str, Path]]:
+    """A SASL_SSL (SCRAM over TLS) broker: its bootstrap and the CA that signed its cert."""
+    if not os.environ.get("DISPATCHKIT_BOOTSTRAP_SERVERS") and not IN_CI:
+        pytest.skip("Kafka tests run with `make test`")
+    kafka = str(REPO / "scripts" / "kafka")
+    env = dict(os.environ, KAFKA_SCRAM_PASSWORD=PASSWORD)
+    try:
+        proc = subprocess.run(
+            [
+                kafka,
+                "start",
+                "--name",
+                "tlstest",
+                "--port",
+                str(TLS_PORT),
+                "--scram",
+                USER,
+                "--tls",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=180,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert PASSWORD not in proc.stdout + proc.stderr
+        ca = subprocess.run(
+            [kafka, "ca", "--name", "tlstest"], capture_output=True, text=True, timeout=60
+        )
+        assert ca.returncode == 0, ca.stderr
+        yield proc.stdout.strip().splitlines()[-1], Path(ca.stdout.strip())
+    finally:
+        subprocess.run(
+            [kafka, "stop", "--name", "tlstest", "--purge"], capture_output=True, timeout=120
+        )
+
+
+def tls_flags(ca: Path | None, mechanism: str = "SCRAM-SHA-512") -> list[str]:
+    """-X flags for SCRAM over TLS; the password comes from the environment."""
+    flags = ["security.protocol=SASL_SSL", f"sasl.mechanism={mechanism}", f"sasl.username={USER}"]
+    if ca is not None:
+        flags.append(f"ssl.ca.location={ca}")
+    return [arg for flag in flags for arg in ("-X", flag)]
+
+
+def password_env() -> dict[str, str]:
+    env = dict(os.environ, DISPATCHKIT_KAFKA_SASL_PASSWORD=PASSWORD)
+    env.pop("DISPATCHKIT_BOOTSTRAP_SERVERS", None)
+    return env
+
+
+@pytest.mark.kafka
+def test_sasl_ssl_run_is_exact(
+    tls_broker: tuple[str, Path], small_parquet: Path, tmp_path: Path
+) -> None:
+    servers, ca = tls_broker
+    ok = subprocess.run(
+        [
+            *(sys.executable, "-m", "dispatchkit", "run", str(small_parquet), "-vv"),
+            *("--out", str(tmp_path)),
+            *("--broker", "kafka", "-b", servers, "--workers", "2", "--topic-prefix", "tls"),
+            *tls_flags(ca),
+        ],
+        capture_output=True,
+        text=True,
+        env=password_env(),
+        timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert_exact(pl.read_parquet(tmp_path / "results.parquet"), reference(small_parquet))
+    assert PASSWORD not in ok.stdout + ok.stderr
+
+
+def other_ca(directory: Path) -> Path:
+    """A CA of its own, which never signed the broker's certificate."""
+    directory.mkdir()
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=not the broker's CA", "-keyout", str(directory / "ca.key")),
+            *("-out", str(directory / "ca.pem")),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return directory / "ca.pem"
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("trust", ["other-ca", "system-cas"])
+def test_untrusted_certificate_fails_fast_in_one_line(
+    trust: str, tls_broker: tuple[str, Path], small_parquet: Path, tmp_path: Path
+) -> None:
+    servers, _ = tls_broker
+    ca = other_ca(tmp_path / "ca") if trust == "other-ca" else None
+    t0 = time.monotonic()
+    bad = subprocess.run(
+        [
+            *(sys.executable, "-m", "dispatchkit", "run", str(small_parquet)),
+            *("--out", str(tmp_path)),
+            *("--broker", "kafka", "-b", servers, "--workers", "1", "--topic-prefix", "tlsbad"),
+            *tls_flags(ca, "SCRAM-SHA-256"),
+        ],
+        capture_output=True,
+        text=True,
+        env=password_env(),
+        timeout=120,
+    )
+    took = time.monotonic() - t0
+    assert bad.returncode == 3, bad.stderr[-3000:]
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1, bad.stderr[-3000:]
+    assert lines[0].startswith("dispatchkit: error: Kafka TLS handshake failed:"), lines[0]
+    assert "certificate verify failed" in lines[0]
+    assert "Traceback" not in bad.stdout + bad.stderr
+    assert PASSWORD not in bad.stdout + bad.stderr
+    # Not the 15 s reach-timeout: seconds, plus interpreter start-up on a busy machine.
+    assert took < 30
 
 
 def test_secrets_never_print(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

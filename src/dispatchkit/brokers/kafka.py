@@ -76,8 +76,18 @@ def wrap_kafka_error(exc: KafkaException, what: str, redact: Callable[[str], str
 _AUTH_ERRORS = {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED}
 
 
+def _is_tls_failure(err: KafkaError) -> bool:
+    # librdkafka reports a failed TLS handshake (untrusted or mismatched certificate,
+    # protocol mismatch) as _SSL; a bare disconnect during the handshake is _TRANSPORT
+    # and may be transient, so only a certificate failure counts there.
+    return err.code() == KafkaError._SSL or (
+        err.code() == KafkaError._TRANSPORT and "certificate verify failed" in err.str()
+    )
+
+
 def connect(settings: KafkaSettings, timeout: float = 15.0) -> AdminClient:
-    """An AdminClient that has reached the cluster; fails fast and clearly on bad credentials."""
+    """An AdminClient that has reached the cluster; fails fast and clearly on bad
+    credentials or a failed TLS handshake."""
     errors: list[KafkaError] = []
     admin = AdminClient(settings.client_config(error_cb=errors.append))  # type: ignore[arg-type]
     deadline = time.monotonic() + timeout
@@ -87,11 +97,16 @@ def connect(settings: KafkaSettings, timeout: float = 15.0) -> AdminClient:
             return admin
         except KafkaException as exc:
             errors.append(exc.args[0])
-        admin.poll(0.1)  # serves error_cb, where authentication failures arrive
+        admin.poll(0.1)  # serves error_cb, where authentication and TLS failures arrive
         auth = [e for e in errors if e.code() in _AUTH_ERRORS]
         if auth:
             raise BrokerError(
                 settings.redact(f"Kafka authentication failed: {auth[-1].str()}")
+            ) from None
+        tls = [e for e in errors if _is_tls_failure(e)]
+        if tls:
+            raise BrokerError(
+                settings.redact(f"Kafka TLS handshake failed: {tls[-1].str()}")
             ) from None
         if time.monotonic() > deadline:
             last = errors[-1].str() if errors else "no answer"
