@@ -219,10 +219,17 @@ class KafkaJobSource(JobSource):
         log.info("%s assigned %s", self.worker_id, _names(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Commit what is done while these partitions are still ours; drop the rest.
+        # Abort, not commit: committing means sending offsets to a group in the middle of
+        # a rebalance, and librdkafka can then block in send_offsets_to_transaction until
+        # the rebalance gives up, which it cannot while this callback waits. The open
+        # transaction holds at most txn_max_seconds of work; the new owners redo its
+        # batches on the revoked partitions, this worker on the ones it keeps.
         if self._in_txn:
-            self._commit()
-        self._forget(partitions)
+            self._abort(rewind=False)
+            self._forget(partitions)
+            self._rewind()
+        else:
+            self._forget(partitions)
         log.info("%s revoked %s", self.worker_id, _names(partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -508,9 +515,12 @@ class KafkaJobSource(JobSource):
             self._rewind()
 
     def _rewind(self) -> None:
-        """Seek every assigned partition back to its committed offset (redo uncommitted work)."""
+        """Seek every partition still ours back to its committed offset (redo uncommitted
+        work)."""
         consumer = self.consumer
-        assignment = consumer.assignment()
+        assignment = [
+            tp for tp in consumer.assignment() if (tp.topic, tp.partition) in self._assigned
+        ]
         if not assignment:
             return
         deadline = time.monotonic() + 120
