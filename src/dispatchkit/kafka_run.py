@@ -16,7 +16,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from types import FrameType
@@ -59,11 +61,24 @@ def dispatch(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) -
     """Publish a run's manifest and jobs; a rerun publishes only what is missing."""
     bars = bars or Bars(enabled=False)
     t0 = time.perf_counter()
-    prep = prepare(spec)
+    broker = KafkaBroker(settings)
+    # Connecting, creating the topics and the producer's idempotence PID are round trips
+    # (0.3-1 s): made on a helper thread while the input is validated.
+    warm = _Background(broker.warm_up)
+    try:
+        prep = prepare(spec)
+    except BaseException:
+        warm.abandon(broker.close)  # an input error is reported without waiting
+        raise
+    try:
+        warm.result()
+    except BaseException:
+        prep.reader.close()
+        broker.close()
+        raise
     summary = RunSummary(run_id=prep.run_id, jobs=prep.total_jobs)
     summary.rows_read, summary.rows_valid = prep.counts.rows_read, prep.counts.rows_valid
     summary.rows_quarantined, summary.bad_rows = prep.counts.rows_bad, dict(prep.counts.bad)
-    broker = KafkaBroker(settings)
     with prep.reader:
         try:
             existing = broker.read_manifest(prep.run_id)
@@ -126,6 +141,42 @@ def dispatch(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) -
     summary.status = "dispatched"
     summary.seconds["dispatch"] = time.perf_counter() - t0
     return summary
+
+
+class _Background:
+    """``fn()`` on a daemon thread; :meth:`result` waits and re-raises what it raised."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._cleanup: Callable[[], None] | None = None
+
+        def target() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                self._error = exc
+            with self._lock:
+                self._done.set()
+                cleanup = self._cleanup
+            if cleanup is not None:
+                cleanup()
+
+        threading.Thread(target=target, name="dispatchkit-warm-up", daemon=True).start()
+
+    def result(self) -> None:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+    def abandon(self, cleanup: Callable[[], None]) -> None:
+        """Not waited for after all: ``cleanup()`` now if done, else when it is."""
+        with self._lock:
+            if not self._done.is_set():
+                self._cleanup = cleanup
+                return
+        cleanup()
 
 
 # -- worker -----------------------------------------------------------------------------

@@ -194,6 +194,12 @@ class KafkaBroker(Broker):
             )
         return self._producer
 
+    def warm_up(self) -> None:
+        """Connect, create the topics and start the producer, whose connection and
+        idempotence PID librdkafka then sets up in the background: round trips a caller
+        can overlap with other work (the dispatcher: with validating its input)."""
+        _ = self.producer
+
     def _producer_overrides(self) -> dict[str, object]:
         # Options given by the user for producers win over the defaults.
         keys = set(PRODUCER_DEFAULTS) & set(self.settings.options)
