@@ -15,7 +15,9 @@ pending (or running) is left alone, so two replays in a row publish a job once.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from dispatchkit.brokers.kafka import H_BATCH, H_RUN, KafkaBroker, headers_of, scan
 from dispatchkit.config import KafkaSettings
@@ -25,6 +27,8 @@ from dispatchkit.message import SCHEMA_VERSION, Job, JobBatch, ResultBatch, deco
 
 #: The end of a replayed batch's id.
 REPLAY_SUFFIX = ".replay"
+
+B = TypeVar("B", JobBatch, ResultBatch)
 
 
 @dataclass
@@ -129,27 +133,25 @@ def _task_of(broker: KafkaBroker, run_id: str) -> str:
 
 def _replayed_parts(settings: KafkaSettings, run_id: str) -> Counter[tuple[str, int]]:
     """How often each ``(job_id, part)`` of the run has been replayed onto the jobs topic."""
-    out: Counter[tuple[str, int]] = Counter()
-    for msg in scan(settings, settings.jobs_topic):
-        headers = headers_of(msg)
-        if headers.get(H_RUN) != run_id or not headers.get(H_BATCH, "").endswith(REPLAY_SUFFIX):
-            continue
-        try:
-            batch = decode(msg.value(), JobBatch)
-        except DecodeError:
-            continue
-        out.update((j.job_id, j.part) for j in batch.jobs)
-    return out
+    batches = _run_batches(settings, settings.jobs_topic, run_id, JobBatch, REPLAY_SUFFIX)
+    return Counter((j.job_id, j.part) for batch in batches for j in batch.jobs)
 
 
 def _done_parts(settings: KafkaSettings, run_id: str) -> set[tuple[str, int]]:
-    out: set[tuple[str, int]] = set()
-    for msg in scan(settings, settings.results_topic):
-        if headers_of(msg).get(H_RUN) != run_id:
+    batches = _run_batches(settings, settings.results_topic, run_id, ResultBatch)
+    return {(r.job_id, r.part) for batch in batches for r in batch.results}
+
+
+def _run_batches(
+    settings: KafkaSettings, topic: str, run_id: str, kind: type[B], batch_suffix: str = ""
+) -> Iterator[B]:
+    """The decodable batches of ``run_id`` on ``topic`` whose batch id ends in
+    ``batch_suffix``."""
+    for msg in scan(settings, topic):
+        headers = headers_of(msg)
+        if headers.get(H_RUN) != run_id or not headers.get(H_BATCH, "").endswith(batch_suffix):
             continue
         try:
-            rb = decode(msg.value(), ResultBatch)
+            yield decode(msg.value(), kind)
         except DecodeError:
             continue
-        out.update((r.job_id, r.part) for r in rb.results)
-    return out
