@@ -89,7 +89,7 @@ def collect(
                         log.warning("collector: %s", exc)
                     last_manifest_check = now
                     if manifest is not None:
-                        store.start_run(run_id, manifest.input_fingerprint, "kafka", manifest.task)
+                        store.start_run(run_id, manifest.run_identity(), "kafka")
                         bars.update("collect", total=manifest.total_jobs)
                 for rb in broker.results(0.5):
                     store.add(rb.run_id, rb.worker, rb.results)

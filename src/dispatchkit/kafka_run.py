@@ -28,10 +28,12 @@ import msgspec
 from dispatchkit import faults
 from dispatchkit.brokers.kafka import KafkaBroker
 from dispatchkit.brokers.kafka_worker import KafkaJobSource, default_worker_id
+from dispatchkit.claim import HEARTBEAT_SECONDS, Holding, describe, holder_of, is_alive, new_owner
 from dispatchkit.collector import collect, collector_group, dead_jobs, status, worker_group
 from dispatchkit.config import KafkaSettings, Secret
 from dispatchkit.dispatcher import Dispatcher
 from dispatchkit.errors import RunError
+from dispatchkit.identity import check_identity
 from dispatchkit.message import SCHEMA_VERSION, Manifest
 from dispatchkit.progress import Bars
 from dispatchkit.runner import RunSpec, RunSummary, prepare, prepare_run_id
@@ -57,42 +59,43 @@ log = logging.getLogger(__name__)
 # -- dispatch ---------------------------------------------------------------------------
 
 
-def dispatch(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) -> RunSummary:
-    """Publish a run's manifest and jobs; a rerun publishes only what is missing."""
+def dispatch(
+    spec: RunSpec,
+    settings: KafkaSettings,
+    bars: Bars | None = None,
+    *,
+    wait_for_holder: float = 60.0,
+) -> RunSummary:
+    """Publish a run's manifest and jobs; a rerun publishes only what is missing.
+
+    One dispatcher per run at a time (:mod:`dispatchkit.claim`): while another one holds
+    the run, this one waits up to ``wait_for_holder`` seconds, saying for whom, and is
+    then refused. A rerun whose identity differs from the run's is refused before
+    anything is written.
+    """
     bars = bars or Bars(enabled=False)
     t0 = time.perf_counter()
     broker = KafkaBroker(settings)
     # Connecting, creating the topics and the producer's idempotence PID are round trips
     # (0.3-1 s): made on a helper thread while the input is validated.
     warm = _Background(broker.warm_up)
+
+    def check(run_id: str, identity: dict[str, str]) -> None:
+        warm.result()
+        existing = broker.read_manifest(run_id)
+        if existing is not None:
+            check_identity(run_id, existing.run_identity(), identity, where="dispatched")
+
     try:
-        prep = prepare(spec)
+        prep = prepare(spec, check)
     except BaseException:
         warm.abandon(broker.close)  # an input error is reported without waiting
-        raise
-    try:
-        warm.result()
-    except BaseException:
-        prep.reader.close()
-        broker.close()
         raise
     summary = RunSummary(run_id=prep.run_id, jobs=prep.total_jobs)
     summary.rows_read, summary.rows_valid = prep.counts.rows_read, prep.counts.rows_valid
     summary.rows_quarantined, summary.bad_rows = prep.counts.rows_bad, dict(prep.counts.bad)
     with prep.reader:
         try:
-            existing = broker.read_manifest(prep.run_id)
-            if existing is not None and existing.input_fingerprint != prep.fingerprint:
-                raise RunError(
-                    f"run {prep.run_id!r} was dispatched from different input; "
-                    "choose another --run-id"
-                )
-            if existing is not None and existing.status == "dispatched":
-                log.info("run %s was dispatched already; nothing to publish", prep.run_id)
-                summary.jobs_skipped = existing.total_jobs
-                summary.status = "dispatched"
-                return summary
-            published = broker.published_parts(prep.run_id) if existing else set()
             manifest = Manifest(
                 v=SCHEMA_VERSION,
                 run_id=prep.run_id,
@@ -103,9 +106,23 @@ def dispatch(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) -
                 rows_dispatched=prep.counts.rows_valid,
                 rows_quarantined=prep.counts.rows_bad,
                 total_jobs=prep.total_jobs,
-                created_at=existing.created_at if existing else time.time(),
+                created_at=time.time(),
+                identity=prep.identity,
+                owner=new_owner(),
             )
-            broker.open_run(manifest)
+            held = _hold(broker, manifest, wait_for_holder)
+            if held.dispatched is not None:
+                log.info("run %s was dispatched already; nothing to publish", prep.run_id)
+                summary.jobs_skipped = held.dispatched.total_jobs
+                summary.status = "dispatched"
+                return summary
+            first = _first_claim(broker.run_manifests(prep.run_id))
+            if first is not None:
+                manifest = msgspec.structs.replace(manifest, created_at=first.created_at)
+            # Our claim is in the log; anything of the run published before it is found now.
+            resumed = first is not None and first.owner != manifest.owner
+            published = broker.published_parts(prep.run_id) if resumed else set()
+            broker.run_id = prep.run_id
             dispatcher = Dispatcher(
                 prep.reader,
                 run_id=prep.run_id,
@@ -113,11 +130,17 @@ def dispatch(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) -
                 max_message_bytes=spec.max_message_bytes,
             )
             bars.add("dispatch", prep.counts.rows_valid, "rows")
+            beat = time.monotonic()
             for batch in dispatcher.batches(
                 skip_parts=published, on_rows=lambda n: bars.advance("dispatch", n)
             ):
                 broker.publish(batch)
                 faults.crash_point("dispatch.mid_publish")
+                if time.monotonic() - beat > HEARTBEAT_SECONDS:
+                    beat = time.monotonic()
+                    broker.publish_manifest(
+                        msgspec.structs.replace(manifest, heartbeat_at=time.time()), wait=False
+                    )
             stats = dispatcher.stats
             if stats.rows_cut != prep.counts.rows_valid:
                 raise RunError(
@@ -128,6 +151,7 @@ def dispatch(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) -
                 msgspec.structs.replace(
                     manifest,
                     status="dispatched",
+                    heartbeat_at=time.time(),
                     total_parts=stats.parts,
                     total_batches=stats.batches,
                 )
@@ -141,6 +165,55 @@ def dispatch(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) -
     summary.status = "dispatched"
     summary.seconds["dispatch"] = time.perf_counter() - t0
     return summary
+
+
+def _hold(broker: KafkaBroker, claim: Manifest, wait: float) -> Holding:
+    """Claim the run and return once this dispatcher holds it, or it is dispatched.
+
+    While another live dispatcher holds the run, wait (saying for whom) up to ``wait``
+    seconds, then refuse. A holder seen dead, or silent for longer than
+    :data:`~dispatchkit.claim.STALE_SECONDS`, is taken over.
+    """
+    run_id = claim.run_id
+    deadline = time.monotonic() + wait
+    told = ""
+    while True:
+        held = holder_of(broker.run_manifests(run_id))
+        if held.dispatched is not None:
+            if held.latest is not held.dispatched:
+                # A late claim follows the dispatched manifest: put that last again, so
+                # the compacted topic keeps it.
+                broker.publish_manifest(held.dispatched)
+            return held
+        if held.holder == claim.owner:
+            return held
+        now = time.time()
+        if held.holder and is_alive(held.holder, held.heartbeat_at, now):
+            if time.monotonic() > deadline:
+                raise RunError(
+                    f"run {run_id!r} is being dispatched by {describe(held.holder)} (last "
+                    f"heartbeat {now - held.heartbeat_at:.0f} s ago); one dispatcher per run: "
+                    "wait for it to finish, or stop it and dispatch again"
+                )
+            if told != held.holder:
+                told = held.holder
+                log.warning(
+                    "run %s is being dispatched by %s; waiting up to %.0f s for it",
+                    run_id,
+                    describe(held.holder),
+                    max(0.0, deadline - time.monotonic()),
+                )
+            time.sleep(1.0)
+            continue
+        if held.holder:
+            log.warning("run %s: taking over from %s, gone", run_id, describe(held.holder))
+        broker.publish_manifest(
+            msgspec.structs.replace(claim, heartbeat_at=time.time(), takes_over=held.holder)
+        )
+
+
+def _first_claim(manifests: list[Manifest]) -> Manifest | None:
+    return manifests[0] if manifests else None
 
 
 class _Background:

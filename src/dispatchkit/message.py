@@ -99,6 +99,19 @@ class Manifest(
     total_parts: int = 0
     total_batches: int = 0
     created_at: float = 0.0
+    #: The run's identity (:mod:`dispatchkit.identity`): every parameter that shapes its
+    #: results; a rerun that differs in any of them is refused.
+    identity: dict[str, str] = msgspec.field(default_factory=dict)
+    #: The dispatcher that holds the run while ``dispatching`` (``host:pid:nonce``) and
+    #: when it last said it is alive; a second dispatcher waits for it.
+    owner: str = ""
+    heartbeat_at: float = 0.0
+    #: A claim taking the run over from this owner, seen dead by the claimer.
+    takes_over: str = ""
+
+    def run_identity(self) -> dict[str, str]:
+        """The identity; for manifests written before identities, input and task."""
+        return dict(self.identity) or {"input": self.input_fingerprint, "task": self.task}
 
 
 Message = JobBatch | ResultBatch | Manifest

@@ -11,6 +11,7 @@ import csv
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -19,11 +20,12 @@ from typing import TYPE_CHECKING
 from dispatchkit.brokers.base import Broker
 from dispatchkit.dispatcher import DEFAULT_MAX_MESSAGE_BYTES, Dispatcher, iso_hour
 from dispatchkit.errors import InputError, RunError
+from dispatchkit.identity import run_identity
 from dispatchkit.message import JobBatch, decode
 from dispatchkit.progress import Bars
 from dispatchkit.reader import InputReader, RowCounts, fingerprint, resolve_inputs
 from dispatchkit.schema import DEFAULT_END, DEFAULT_START
-from dispatchkit.store import ResultStore, write_results
+from dispatchkit.store import ResultStore, RunRecord, write_results
 from dispatchkit.task import get_task
 from dispatchkit.worker import RetryPolicy
 
@@ -85,6 +87,18 @@ class Prepared:
     reader: InputReader
     counts: RowCounts
     total_jobs: int
+    identity: dict[str, str] = field(default_factory=dict)
+
+
+def spec_identity(spec: RunSpec, fingerprint: str) -> dict[str, str]:
+    """The identity (:mod:`dispatchkit.identity`) of a run of ``spec`` over this input."""
+    return run_identity(
+        fingerprint=fingerprint,
+        task=spec.task,
+        start=spec.start,
+        end=spec.end,
+        max_message_bytes=spec.max_message_bytes,
+    )
 
 
 def prepare_run_id(spec: RunSpec) -> str:
@@ -92,14 +106,19 @@ def prepare_run_id(spec: RunSpec) -> str:
     return spec.run_id or f"run-{fingerprint(resolve_inputs(spec.input))[:12]}"
 
 
-def prepare(spec: RunSpec) -> Prepared:
-    """Resolve and validate the input, write the quarantine files; nothing is dispatched."""
+def prepare(spec: RunSpec, check: Callable[[str, dict[str, str]], None] | None = None) -> Prepared:
+    """Resolve and validate the input, write the quarantine files; nothing is dispatched.
+
+    ``check(run_id, identity)`` is called once the input is validated and before
+    anything is written: a rerun that differs from its run is refused there.
+    """
     paths = resolve_inputs(spec.input)
     fp = fingerprint(paths)
     run_id = spec.run_id or f"run-{fp[:12]}"
     get_task(spec.task)
     if spec.start >= spec.end:
         raise InputError(f"--start {spec.start:%Y-%m-%d} is not before --end {spec.end:%Y-%m-%d}")
+    identity = spec_identity(spec, fp)
     reader = InputReader(
         paths,
         start=spec.start,
@@ -113,12 +132,14 @@ def prepare(spec: RunSpec) -> Prepared:
             reader.first_bad_row()
         if counts.rows_read == 0:
             raise InputError(f"{spec.input}: holds no rows")
+        if check is not None:
+            check(run_id, identity)
         reader.write_quarantine(spec.out, any_bad=counts.rows_bad > 0)
         total_jobs = counts.jobs
     except BaseException:
         reader.close()
         raise
-    return Prepared(paths, fp, run_id, reader, counts, total_jobs)
+    return Prepared(paths, fp, run_id, reader, counts, total_jobs, identity)
 
 
 def pump_results(broker: Broker, store: ResultStore, timeout: float, flush_at: int = 20_000) -> int:
@@ -155,48 +176,65 @@ def finish(
 
 def run_embedded(spec: RunSpec, bars: Bars | None = None) -> RunSummary:
     """Run the whole job on this machine with ``spec.workers`` worker processes."""
-    from dispatchkit.brokers.embedded import EmbeddedBroker
-
     bars = bars or Bars(enabled=False)
     t_start = time.perf_counter()
-    prep = prepare(spec)
-    summary = RunSummary(run_id=prep.run_id)
-    _count_rows(summary, prep)
-    summary.seconds["prepare"] = time.perf_counter() - t_start
-    with prep.reader, ResultStore(spec.out / STORE_NAME) as store:
-        record = store.start_run(prep.run_id, prep.fingerprint, spec.input, spec.task)
-        store.update_run(
-            prep.run_id,
-            status="dispatching",
-            rows_read=prep.counts.rows_read,
-            rows_quarantined=prep.counts.rows_bad,
-            total_jobs=prep.total_jobs,
-        )
-        done = store.done_keys(prep.run_id)
-        summary.jobs = prep.total_jobs
-        if record.status == "complete" and len(done) == prep.total_jobs:
-            log.info("run %s is already complete; nothing to do", prep.run_id)
-            summary.jobs_skipped = len(done)
-        else:
-            broker = EmbeddedBroker(spec.workers, retry=spec.retry)
-            _dispatch_and_collect(spec, prep, store, done, bars, summary, broker)
-        finish(store, prep.run_id, spec.task, spec.out, report=spec.report, summary=summary)
-        if summary.failed_jobs:
-            summary.files["dead_letters.csv"] = write_dead_letters(summary.failed_jobs, spec.out)
-        if summary.rows_valid and summary.jobs_done != prep.total_jobs:
-            summary.status = "incomplete"
-        else:
-            summary.status = "complete"
-        store.update_run(
-            prep.run_id,
-            status=summary.status,
-            rows_dispatched=summary.rows_valid,
-            total_parts=prep.total_jobs + summary.split_jobs,
-        )
+    with ResultStore(spec.out / STORE_NAME) as store:
+        records: list[RunRecord] = []
+
+        def check(run_id: str, identity: dict[str, str]) -> None:
+            records.append(store.start_run(run_id, identity, spec.input))
+
+        prep = prepare(spec, check)
+        record = records[0]
+        summary = RunSummary(run_id=prep.run_id)
+        _count_rows(summary, prep)
+        summary.seconds["prepare"] = time.perf_counter() - t_start
+        with prep.reader:
+            _run_prepared(spec, prep, store, record, bars, summary)
     summary.files["quarantine.parquet"] = spec.out / "quarantine.parquet"
     summary.files["store"] = spec.out / STORE_NAME
     summary.seconds["total"] = time.perf_counter() - t_start
     return summary
+
+
+def _run_prepared(
+    spec: RunSpec,
+    prep: Prepared,
+    store: ResultStore,
+    record: RunRecord,
+    bars: Bars,
+    summary: RunSummary,
+) -> None:
+    from dispatchkit.brokers.embedded import EmbeddedBroker
+
+    store.update_run(
+        prep.run_id,
+        status="dispatching",
+        rows_read=prep.counts.rows_read,
+        rows_quarantined=prep.counts.rows_bad,
+        total_jobs=prep.total_jobs,
+    )
+    done = store.done_keys(prep.run_id)
+    summary.jobs = prep.total_jobs
+    if record.status == "complete" and len(done) == prep.total_jobs:
+        log.info("run %s is already complete; nothing to do", prep.run_id)
+        summary.jobs_skipped = len(done)
+    else:
+        broker = EmbeddedBroker(spec.workers, retry=spec.retry)
+        _dispatch_and_collect(spec, prep, store, done, bars, summary, broker)
+    finish(store, prep.run_id, spec.task, spec.out, report=spec.report, summary=summary)
+    if summary.failed_jobs:
+        summary.files["dead_letters.csv"] = write_dead_letters(summary.failed_jobs, spec.out)
+    if summary.rows_valid and summary.jobs_done != prep.total_jobs:
+        summary.status = "incomplete"
+    else:
+        summary.status = "complete"
+    store.update_run(
+        prep.run_id,
+        status=summary.status,
+        rows_dispatched=summary.rows_valid,
+        total_parts=prep.total_jobs + summary.split_jobs,
+    )
 
 
 def _count_rows(summary: RunSummary, prep: Prepared) -> None:

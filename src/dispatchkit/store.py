@@ -19,7 +19,7 @@ written by :meth:`ResultStore.flush`; callers commit their input only after a fl
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +27,7 @@ from types import TracebackType
 import duckdb
 import polars as pl
 
+from dispatchkit import identity as ids
 from dispatchkit.errors import RunError
 from dispatchkit.message import JobResult
 from dispatchkit.task import Task
@@ -46,6 +47,7 @@ CREATE TABLE IF NOT EXISTS runs (
     created_at DOUBLE NOT NULL,
     updated_at DOUBLE NOT NULL
 );
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS identity VARCHAR;
 CREATE TABLE IF NOT EXISTS parts (
     run_id VARCHAR NOT NULL,
     job_id VARCHAR NOT NULL,
@@ -80,6 +82,19 @@ _PART_SCHEMA = {
     "stored_at": pl.Float64,
 }
 
+#: Jobs with every part of one split stored, parts added up: one row per (job, split).
+#: A part belongs to the split given by its ``parts`` count; parts of different splits
+#: never add up (``part 0 of 1`` plus ``parts 1-9 of 10`` is not a complete job).
+_COMPLETE_SPLITS = """
+    SELECT run_id, job_id, country, date_hour, parts,
+           sum(tests)::BIGINT AS tests, sum(positives)::BIGINT AS positives,
+           any_value(positive_rate) AS positive_rate, any_value(ci_low) AS ci_low,
+           any_value(ci_high) AS ci_high
+    FROM parts WHERE run_id = ?
+    GROUP BY run_id, job_id, country, date_hour, parts
+    HAVING count(*) = parts
+"""
+
 RESULT_COLUMNS = (
     "run_id",
     "job_id",
@@ -109,6 +124,7 @@ class RunRecord:
     total_parts: int
     created_at: float
     updated_at: float
+    identity: str | None = None  # JSON of :func:`dispatchkit.identity.run_identity`
 
 
 class ResultStore:
@@ -139,26 +155,34 @@ class ResultStore:
 
     # -- run ledger --------------------------------------------------------------------
 
-    def start_run(self, run_id: str, fingerprint: str, inputs: str, task: str) -> RunRecord:
-        """Record a new run, or return the existing one if it was made from the same input."""
+    def start_run(
+        self, run_id: str, identity: Mapping[str, str], inputs: str, *, where: str = "made"
+    ) -> RunRecord:
+        """Record a new run, or return the existing one if its identity is the same.
+
+        A run recorded with another identity (input, task, range, split size, …) is
+        refused with one line naming the parameter: its stored parts belong to another
+        computation. Runs recorded before identities existed are compared on input and
+        task, the only parameters they recorded.
+        """
         existing = self.get_run(run_id)
         if existing is not None:
-            if existing.input_fingerprint != fingerprint:
-                raise RunError(
-                    f"run {run_id!r} was made from different input "
-                    f"({existing.inputs}); choose another --run-id"
-                )
-            if existing.task != task:
-                raise RunError(
-                    f"run {run_id!r} used task {existing.task!r}, not {task!r}; "
-                    "choose another --run-id"
-                )
+            recorded = ids.loads(existing.identity) or {
+                "input": existing.input_fingerprint,
+                "task": existing.task,
+            }
+            wanted = (
+                dict(identity)
+                if existing.identity
+                else {k: identity.get(k, "(not given)") for k in recorded}
+            )
+            ids.check_identity(run_id, recorded, wanted, where=where)
             return existing
         now = time.time()
         self.con.execute(
             "INSERT INTO runs (run_id, input_fingerprint, inputs, task, status, created_at, "
-            "updated_at) VALUES (?, ?, ?, ?, 'started', ?, ?)",
-            [run_id, fingerprint, inputs, task, now, now],
+            "updated_at, identity) VALUES (?, ?, ?, ?, 'started', ?, ?, ?)",
+            [run_id, identity["input"], inputs, identity["task"], now, now, ids.dumps(identity)],
         )
         record = self.get_run(run_id)
         assert record is not None
@@ -239,31 +263,26 @@ class ResultStore:
     def done_keys(self, run_id: str) -> set[tuple[str, int]]:
         """``(country, date_hour)`` of every job whose parts are all stored."""
         rows = self.con.execute(
-            "SELECT country, date_hour FROM parts WHERE run_id = ? "
-            "GROUP BY country, date_hour HAVING count(*) = max(parts)",
-            [run_id],
+            f"SELECT DISTINCT country, date_hour FROM ({_COMPLETE_SPLITS})", [run_id]
         ).fetchall()
         return {(str(c), int(h)) for c, h in rows}
 
     def jobs_done(self, run_id: str) -> int:
         row = self.con.execute(
-            "SELECT count(*) FROM (SELECT job_id FROM parts WHERE run_id = ? "
-            "GROUP BY job_id HAVING count(*) = max(parts))",
-            [run_id],
+            f"SELECT count(DISTINCT job_id) FROM ({_COMPLETE_SPLITS})", [run_id]
         ).fetchall()
         return int(row[0][0]) if row else 0
 
     def results(self, run_id: str, task: Task) -> pl.DataFrame:
         """One row per complete job, parts added up, sorted by country and hour."""
         merged_arrow = self.con.sql(
-            """
-            SELECT run_id, job_id, country, date_hour, sum(tests)::BIGINT AS tests,
-                   sum(positives)::BIGINT AS positives, count(*) AS n_parts, max(parts) AS parts,
-                   any_value(positive_rate) AS positive_rate, any_value(ci_low) AS ci_low,
-                   any_value(ci_high) AS ci_high
-            FROM parts WHERE run_id = ?
-            GROUP BY run_id, job_id, country, date_hour
-            HAVING count(*) = max(parts)
+            f"""
+            SELECT run_id, job_id, country, date_hour, tests, positives, parts,
+                   positive_rate, ci_low, ci_high
+            FROM ({_COMPLETE_SPLITS})
+            -- one split per job: were a job ever cut two ways, each complete split alone
+            -- holds all its rows, and adding both would count them twice
+            QUALIFY row_number() OVER (PARTITION BY job_id ORDER BY parts) = 1
             ORDER BY country, date_hour
             """,
             params=[run_id],

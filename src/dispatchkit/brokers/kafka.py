@@ -35,6 +35,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from dispatchkit.brokers.base import Broker
+from dispatchkit.claim import holder_of
 from dispatchkit.config import KafkaSettings
 from dispatchkit.dispatcher import batch_key
 from dispatchkit.errors import BrokerError, DecodeError, DeliveryError
@@ -360,16 +361,26 @@ class KafkaBroker(Broker):
     # -- reading whole topics ----------------------------------------------------------
 
     def read_manifest(self, run_id: str, timeout: float = 10.0) -> Manifest | None:
-        """The latest manifest of a run, or ``None``."""
-        latest: Manifest | None = None
+        """The run's manifest, or ``None``: its ``dispatched`` one once there is one (a
+        late dispatcher's claim may follow it), else the latest."""
+        held = holder_of(self.run_manifests(run_id, timeout))
+        return held.dispatched or held.latest
+
+    def run_manifests(self, run_id: str, timeout: float = 10.0) -> list[Manifest]:
+        """Every manifest of a run in log order (one key, so one partition: one order)."""
+        out: list[Manifest] = []
         first, self._checked = not self._checked, True
         for msg in scan(self.settings, self.settings.manifests_topic, timeout=timeout, check=first):
             if msg.key() == run_id.encode():
                 try:
-                    latest = decode(msg.value(), Manifest)
+                    out.append(decode(msg.value(), Manifest))
                 except DecodeError:
                     continue
-        return latest
+        return out
+
+    def publish_manifest(self, manifest: Manifest, *, wait: bool = True) -> None:
+        """Append a manifest (a claim, a heartbeat); ``wait`` for its delivery."""
+        self._publish_manifest(manifest, wait=wait)
 
     def published_parts(self, run_id: str) -> set[tuple[str, int, int]]:
         """``(country, date_hour, part)`` of every job part of a run already in the jobs topic."""
