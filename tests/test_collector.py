@@ -41,7 +41,7 @@ from .fault_helpers import (
 )
 from .kafka_helpers import kafka_args, new_settings
 
-pytestmark = pytest.mark.kafka
+kafka = pytest.mark.kafka
 
 #: Each batch takes 30 ms more: 300 batches over 2 workers take about 5 s.
 SLOW = {"DISPATCHKIT_TEST_FAULTS": "slow:0.03"}
@@ -92,6 +92,7 @@ def dispatched(data: Path, out: Path, run_id: str, settings: KafkaSettings) -> R
 # -- the store owns the collector's positions ---------------------------------------------
 
 
+@kafka
 def test_killed_collector_resumes_exact_after_another_store_collected_the_run(
     data: Path, tmp_path: Path, fleet: Fleet
 ) -> None:
@@ -118,6 +119,7 @@ def test_killed_collector_resumes_exact_after_another_store_collected_the_run(
         assert_run_exact(data, out, "ab", settings)
 
 
+@kafka
 def test_two_collectors_into_different_dirs_at_once_both_finish_exact(
     data: Path, tmp_path: Path, fleet: Fleet
 ) -> None:
@@ -142,6 +144,7 @@ def test_two_collectors_into_different_dirs_at_once_both_finish_exact(
         assert_run_exact(data, out, "two", settings)
 
 
+@kafka
 def test_collectors_killed_at_random_and_restarted_end_exact(
     data: Path, tmp_path: Path, fleet: Fleet
 ) -> None:
@@ -176,6 +179,7 @@ def test_collectors_killed_at_random_and_restarted_end_exact(
         assert_run_exact(data, out, "storm", settings)
 
 
+@kafka
 def test_partitions_added_to_the_results_topic_are_read(
     data: Path, tmp_path: Path, fleet: Fleet
 ) -> None:
@@ -201,6 +205,7 @@ def test_partitions_added_to_the_results_topic_are_read(
     assert_run_exact(data, tmp_path / "o", "grow", settings)
 
 
+@kafka
 def test_a_recreated_results_topic_is_read_again_and_said_so(
     data: Path, tmp_path: Path, fleet: Fleet, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -234,6 +239,38 @@ def test_a_recreated_results_topic_is_read_again_and_said_so(
     after = stored_positions(out, "re")
     assert sum(after.values()) < sum(before.values()), (before, after)
     assert_run_exact(data, out, "re")
+
+
+# -- the store writes results and positions in one transaction -----------------------------
+
+
+def test_store_writes_results_and_positions_together_and_counts_repeats() -> None:
+    from dispatchkit.message import JobResult
+    from dispatchkit.store import ReadPositions, ResultStore
+
+    def result(job: str) -> JobResult:
+        return JobResult(
+            job_id=job, country="Italy", date_hour=3600, part=0, parts=1, tests=2,
+            positives=1, positive_rate=0.5, ci_low=0.1, ci_high=0.9,
+        )  # fmt: skip
+
+    with ResultStore(":memory:") as store:
+        assert store.read_positions("r", "t").offsets == {}
+        store.add("r", "w", [result("a"), result("b")])
+        assert store.flush(ReadPositions("r", "t", {0: 5, 1: 2}, "id1")) == 2
+        assert store.read_positions("r", "t") == ReadPositions("r", "t", {0: 5, 1: 2}, "id1")
+        assert store.read_positions("other", "t").offsets == {}
+        store.add("r", "w", [result("a")])  # read again: ignored, counted
+        assert store.flush(ReadPositions("r", "t", {0: 6}, "id2")) == 0
+        assert store.duplicates == 1
+        # The positions given replace the stored ones (a topic read again from the start).
+        assert store.read_positions("r", "t") == ReadPositions("r", "t", {0: 6}, "id2")
+        # A write that fails stores neither the results nor the positions.
+        store.add("r", "w", [result("c")])
+        store.con.execute("DROP TABLE read_positions")
+        with pytest.raises(duckdb.CatalogException):
+            store.flush(ReadPositions("r", "t", {0: 9}))
+        assert store.jobs_done("r") == 2
 
 
 # -- fatal errors end the collector -------------------------------------------------------
@@ -271,6 +308,7 @@ def _fenced_consumer(settings: KafkaSettings) -> Consumer:
     return old
 
 
+@kafka
 def test_a_fatal_consumer_ends_the_collector_with_one_line_and_exit_3(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -301,6 +339,7 @@ def test_a_fatal_consumer_ends_the_collector_with_one_line_and_exit_3(
 # -- a run that was never dispatched --------------------------------------------------------
 
 
+@kafka
 def test_collect_of_an_unknown_run_exits_1_within_the_bound(tmp_path: Path) -> None:
     settings = new_settings()
     t0 = time.monotonic()
@@ -329,6 +368,7 @@ def test_collect_waits_60_s_for_a_dispatch_by_default() -> None:
     assert args.wait_for_dispatch == 0
 
 
+@kafka
 def test_collect_started_before_its_dispatch_waits_for_it(data: Path, tmp_path: Path) -> None:
     """The manifest arrives while the collector waits (as in ``run --broker kafka``)."""
     settings = new_settings()
