@@ -1,10 +1,12 @@
 """The collector: results from Kafka into the store until a run is done; run status.
 
 :func:`collect` reads result batches (``read_committed``, so aborted worker transactions
-are never seen), stores them, flushes the store and only then commits its offsets — a
-crash between the two re-reads results the store already holds, and the store keeps one
-row per job part. It stops when the run's manifest says every job is done, or, as
-``incomplete``, when every missing job is dead-lettered.
+are never seen) and stores them together with its read positions, in one store
+transaction: the store alone says where its collector goes on, so collectors into other
+directories (at once or in turn) cannot move it, and a crash anywhere re-reads at most
+what the store does not hold. It stops when the run's manifest says every job is done,
+or, as ``incomplete``, when every missing job is dead-lettered. A run with no manifest is
+waited for ``wait_for_dispatch`` seconds, then refused.
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ def worker_group(settings: KafkaSettings) -> str:
 
 
 def collector_group(settings: KafkaSettings, run_id: str) -> str:
+    """The collector consumer's ``group.id``: librdkafka wants one, but the collector
+    never joins it and commits nothing to it (its positions are in its store)."""
     return f"{settings.topic_prefix}.collector.{run_id}"
+
+
+#: How long ``collect`` waits for a run's manifest by default.
+WAIT_FOR_DISPATCH = 60.0
 
 
 def collect(
@@ -50,12 +58,14 @@ def collect(
     on_progress: Callable[[int, int], None] | None = None,
     on_tick: Callable[[], None] | None = None,
     dead_grace: float = 5.0,
+    wait_for_dispatch: float | None = WAIT_FOR_DISPATCH,
 ) -> RunSummary:
     """Store a run's results until its manifest's jobs are all done, then export them.
 
     Ends early, as ``incomplete``, when every missing job is dead-lettered and no result
     has arrived for ``dead_grace`` seconds; ``timeout`` ends it after that many seconds
-    without progress.
+    without progress. With no manifest of the run after ``wait_for_dispatch`` seconds
+    (``None`` or 0: wait for ever) it raises :class:`RunError`.
     """
     bars = bars or Bars(enabled=False)
     t0 = time.perf_counter()
@@ -63,13 +73,14 @@ def collect(
     manifest: Manifest | None = None
     last_manifest_check = last_flush = last_dlq_check = 0.0
     dead: dict[str, str] = {}
-    last_progress = time.monotonic()
+    last_progress = waiting_since = last_partition_check = time.monotonic()
+    said_waiting = False
     with ResultStore(out / STORE_NAME) as store:
         done = store.jobs_done(run_id)
         broker = KafkaBroker(
             settings,
             collector_group=collector_group(settings, run_id),
-            from_beginning=store.get_run(run_id) is None,
+            start_positions=store.read_positions(run_id, settings.results_topic),
         )
         broker.run_id = run_id
         try:
@@ -91,12 +102,38 @@ def collect(
                     if manifest is not None:
                         store.start_run(run_id, manifest.run_identity(), "kafka")
                         bars.update("collect", total=manifest.total_jobs)
+                    else:
+                        waited = now - waiting_since
+                        if wait_for_dispatch and waited > wait_for_dispatch:
+                            raise RunError(
+                                f"run {run_id!r} was not dispatched: no manifest on "
+                                f"{settings.manifests_topic} after {wait_for_dispatch:.0f} s "
+                                "(check --run-id and --topic-prefix, or wait longer with "
+                                "--wait-for-dispatch; 0 waits for ever)"
+                            )
+                        if not said_waiting:
+                            said_waiting = True
+                            bound = (
+                                f"up to {wait_for_dispatch:.0f} s"
+                                if wait_for_dispatch
+                                else "for as long as it takes"
+                            )
+                            log.warning(
+                                "collector: waiting %s for run %r to be dispatched "
+                                "(its manifest on %s)",
+                                bound,
+                                run_id,
+                                settings.manifests_topic,
+                            )
+                if now - last_partition_check > 5.0:
+                    broker.refresh_partitions()  # partitions added to the results topic
+                    last_partition_check = now
                 for rb in broker.results(0.5):
                     store.add(rb.run_id, rb.worker, rb.results)
                 if store.buffered and (store.buffered >= 20_000 or now - last_flush > 1.0):
-                    store.flush()
+                    # The results and the positions they were read up to, in one transaction.
+                    store.flush(broker.read_positions())
                     faults.crash_point("collector.after_store")
-                    broker.commit_results()
                     last_flush = now
                     new_done = store.jobs_done(run_id)
                     if new_done != done:
@@ -130,12 +167,15 @@ def collect(
                 if timeout is not None and now - last_progress > timeout:
                     summary.status = "timed out"
                     break
-            store.flush()
-            broker.commit_results()
+            store.flush(broker.read_positions())
         finally:
             broker.close()
         if manifest is None:
-            raise RunError(f"run {run_id!r} has no manifest: was it dispatched?")
+            raise RunError(
+                f"run {run_id!r} was not dispatched: no manifest on "
+                f"{settings.manifests_topic} after {time.monotonic() - waiting_since:.0f} s "
+                "(--timeout)"
+            )
         summary.jobs = manifest.total_jobs
         summary.rows_read = manifest.rows_read
         summary.rows_valid = manifest.rows_dispatched

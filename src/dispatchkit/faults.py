@@ -10,7 +10,7 @@ use, where every hook is a cheap no-op. Recognized entries:
 ``slow:<seconds>``         each batch takes that much longer (a long job).
 
 Points: ``worker.after_produce`` (results produced, transaction not committed),
-``collector.after_store`` (results stored, offsets not committed),
+``collector.after_store`` (results and read positions stored, after a flush),
 ``dispatch.mid_publish`` (after some batches are published).
 """
 

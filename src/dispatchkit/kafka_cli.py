@@ -88,6 +88,14 @@ def register(add: Add, kafka_flags: Flags) -> None:
     c.add_argument("--run-id", required=True, help="the run to collect")
     c.add_argument("--out", default="out", help="output directory")
     c.add_argument("--timeout", type=float, help="give up after this many seconds without progress")
+    c.add_argument(
+        "--wait-for-dispatch",
+        type=_non_negative_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for the run's manifest before giving up (exit 1); "
+        "0 waits for ever (default: 60)",
+    )
     c.add_argument("--no-report", action="store_true", help="skip report.png")
     kafka_flags(c, required=True)
 
@@ -116,6 +124,16 @@ def register(add: Add, kafka_flags: Flags) -> None:
         help="only this job key 'COUNTRY YYYY-MM-DDTHH:00:00Z' (repeatable)",
     )
     kafka_flags(q, required=True)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
 
 
 def cmd_dispatch(args: argparse.Namespace, bars: Bars) -> int:
@@ -182,6 +200,7 @@ def cmd_collect(args: argparse.Namespace, bars: Bars) -> int:
         bars=bars,
         report=not args.no_report,
         timeout=args.timeout,
+        wait_for_dispatch=args.wait_for_dispatch or None,
     )
     bars.__exit__(None, None, None)
     _print_summary(args, summary)

@@ -397,7 +397,17 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) 
             if dispatching.done() and dispatching.exception() is not None:
                 raise dispatching.exception()  # type: ignore[misc]
 
-        summary = collect(settings, run_id, spec.out, bars=bars, report=spec.report, on_tick=tick)
+        # No bound on the wait for the manifest: the dispatcher child is validating the
+        # input meanwhile, and its failure ends the wait through tick().
+        summary = collect(
+            settings,
+            run_id,
+            spec.out,
+            bars=bars,
+            report=spec.report,
+            on_tick=tick,
+            wait_for_dispatch=None,
+        )
         sent = dispatching.result()
         summary.worker_restarts = restarts[0]
     finally:

@@ -11,6 +11,9 @@ Tables:
 ``runs``   one row per run id — input fingerprint, task, status, totals.
 ``parts``  one row per job part, primary key ``(run_id, job_id, part)``; a part written
            twice (a redone job) is kept once, so storing is idempotent.
+``read_positions``  the Kafka collector's next offset per (run, topic, partition), with
+           the topic's id: written in the same transaction as the parts they read, so the
+           store alone says where its collector goes on (offsets stored with the data).
 
 A job is *done* when all of its parts are stored. Results are buffered in memory and
 written by :meth:`ResultStore.flush`; callers commit their input only after a flush.
@@ -64,6 +67,15 @@ CREATE TABLE IF NOT EXISTS parts (
     stored_at DOUBLE NOT NULL,
     PRIMARY KEY (run_id, job_id, part)
 );
+CREATE TABLE IF NOT EXISTS read_positions (
+    run_id VARCHAR NOT NULL,
+    topic VARCHAR NOT NULL,
+    partition INTEGER NOT NULL,
+    next_offset BIGINT NOT NULL,
+    topic_id VARCHAR,
+    updated_at DOUBLE NOT NULL,
+    PRIMARY KEY (run_id, topic, partition)
+);
 """
 
 _PART_SCHEMA = {
@@ -106,6 +118,17 @@ RESULT_COLUMNS = (
     "ci_low",
     "ci_high",
 )
+
+
+@dataclass(frozen=True)
+class ReadPositions:
+    """Where a collector of ``run_id`` goes on reading ``topic``: the next offset of each
+    partition it has read (partitions it has not read are absent)."""
+
+    run_id: str
+    topic: str
+    offsets: dict[int, int]
+    topic_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -219,8 +242,54 @@ class ResultStore:
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def flush(self) -> int:
-        """Write buffered results; returns how many parts were new (the rest were repeats)."""
+    def read_positions(self, run_id: str, topic: str) -> ReadPositions:
+        """The positions stored for a run's collector on ``topic`` (empty: from the start)."""
+        rows = self.con.execute(
+            "SELECT partition, next_offset, topic_id FROM read_positions "
+            "WHERE run_id = ? AND topic = ? ORDER BY partition",
+            [run_id, topic],
+        ).fetchall()
+        ids = {str(r[2]) for r in rows if r[2] is not None}
+        return ReadPositions(
+            run_id,
+            topic,
+            {int(p): int(o) for p, o, _ in rows},
+            topic_id=ids.pop() if len(ids) == 1 else None,
+        )
+
+    def flush(self, positions: ReadPositions | None = None) -> int:
+        """Write buffered results and, in the same transaction, ``positions`` (which
+        replace the run's stored positions on that topic); returns how many parts were new
+        (the rest were repeats)."""
+        if not self._buffer and positions is None:
+            return 0
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            new = self._insert_buffer()
+            if positions is not None:
+                self._write_positions(positions)
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.duplicates += len(self._buffer) - new
+        self._buffer = []
+        return new
+
+    def _write_positions(self, positions: ReadPositions) -> None:
+        self.con.execute(
+            "DELETE FROM read_positions WHERE run_id = ? AND topic = ?",
+            [positions.run_id, positions.topic],
+        )
+        now = time.time()
+        rows = [
+            [positions.run_id, positions.topic, p, o, positions.topic_id, now]
+            for p, o in sorted(positions.offsets.items())
+        ]
+        if rows:
+            self.con.executemany("INSERT INTO read_positions VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def _insert_buffer(self) -> int:
         if not self._buffer:
             return 0
         rows = self._buffer
@@ -251,10 +320,7 @@ class ResultStore:
             self.con.execute("INSERT INTO parts SELECT * FROM incoming ON CONFLICT DO NOTHING")
         finally:
             self.con.unregister("incoming")
-        new = self._count_parts() - before
-        self.duplicates += len(rows) - new
-        self._buffer = []
-        return new
+        return self._count_parts() - before
 
     def _count_parts(self) -> int:
         row = self.con.execute("SELECT count(*) FROM parts").fetchall()

@@ -12,7 +12,8 @@ Topics are created with the AdminClient and waited for; nothing relies on the br
 auto-creation. The producer is idempotent (``acks=all``), batches and compresses; every
 delivery report is checked and a failed one fails the dispatch. The collector reads with
 ``isolation.level=read_committed``, so records of aborted worker transactions are never
-seen, and commits its offsets only after the store has flushed.
+seen; it assigns the results partitions itself (no group) and its store keeps its
+positions, written with the results they read.
 
 Clients are created lazily: constructing a :class:`KafkaBroker` touches no network.
 """
@@ -30,6 +31,7 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Producer,
+    TopicCollection,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
@@ -38,8 +40,9 @@ from dispatchkit.brokers.base import Broker
 from dispatchkit.claim import holder_of
 from dispatchkit.config import KafkaSettings
 from dispatchkit.dispatcher import batch_key
-from dispatchkit.errors import BrokerError, DecodeError, DeliveryError
+from dispatchkit.errors import BrokerError, DecodeError, DeliveryError, FatalBrokerError
 from dispatchkit.message import JobBatch, Manifest, ResultBatch, decode, encode
+from dispatchkit.store import ReadPositions
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,23 @@ def wrap_kafka_error(exc: KafkaException, what: str, redact: Callable[[str], str
     err = exc.args[0] if exc.args else None
     text = err.str() if isinstance(err, KafkaError) else str(exc)
     return BrokerError(redact(f"{what}: {text}"))
+
+
+#: Codes that end a client whatever flag they carry: librdkafka answers every call after a
+#: fatal error with ``_FATAL`` (the original error, flagged fatal, is reported once).
+_FATAL_CODES = {KafkaError._FATAL, KafkaError.FENCED_INSTANCE_ID}
+
+
+def is_fatal(err: KafkaError) -> bool:
+    """Whether a client that got ``err`` cannot go on (retrying would loop for ever)."""
+    return bool(err.fatal()) or err.code() in _FATAL_CODES
+
+
+def consumer_error(err: KafkaError, what: str, redact: Callable[[str], str] = str) -> BrokerError:
+    """One line for a consumer error: :class:`FatalBrokerError` if it is fatal."""
+    text = " ".join(err.str().split())
+    cls = FatalBrokerError if is_fatal(err) else BrokerError
+    return cls(redact(f"{what}: Kafka consumer failed: {text}"))
 
 
 _AUTH_ERRORS = {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED}
@@ -170,13 +190,18 @@ class KafkaBroker(Broker):
         settings: KafkaSettings,
         *,
         collector_group: str | None = None,
-        from_beginning: bool = False,
+        start_positions: ReadPositions | None = None,
     ) -> None:
         self.settings = settings
         self.collector_group = collector_group
-        # The store is the truth: a store that knows nothing of the run reads all results
-        # again, whatever offsets an earlier collector (into another store) committed.
-        self.from_beginning = from_beginning
+        # The store is the truth: the collector starts where its store got to (absent
+        # positions: from the beginning), whatever any other collector has read.
+        self.start_positions = start_positions
+        self._next: dict[int, int] = dict(start_positions.offsets) if start_positions else {}
+        self._assigned: set[int] = set()
+        self._topic_id_now: str | None = None
+        self._fatal: list[KafkaError] = []
+        self._admin: AdminClient | None = None
         self._producer: Producer | None = None
         self._consumer: Consumer | None = None
         self._failures: list[str] = []
@@ -283,6 +308,13 @@ class KafkaBroker(Broker):
             raise DeliveryError(f"{left} message(s) still queued after {timeout:.0f} s")
 
     # -- collecting --------------------------------------------------------------------
+    #
+    # The collector joins no consumer group and commits nothing to Kafka: it assigns the
+    # results topic's partitions itself and starts each at the position its store holds
+    # (the beginning for a partition the store has not read). Its positions are written
+    # by the store, in the transaction of the results they read (``read_positions``).
+    # So a collector's state belongs to its store: collectors into other directories, at
+    # once or in turn, cannot move it.
 
     @property
     def consumer(self) -> Consumer:
@@ -293,36 +325,139 @@ class KafkaBroker(Broker):
             self._consumer = Consumer(
                 self.settings.client_config(
                     **{
+                        # librdkafka needs a group.id; it is never joined (assign, not
+                        # subscribe) and no offset is ever committed to it.
                         "group.id": self.collector_group,
-                        # Static membership: a collector restarted after a crash takes its
-                        # dead predecessor's place at once instead of waiting out the old
-                        # member's session (librdkafka's default session.timeout.ms: 45 s).
-                        "group.instance.id": self.collector_group,
                         "enable.auto.commit": False,
+                        "enable.auto.offset.store": False,
                         "auto.offset.reset": "earliest",
                         "isolation.level": "read_committed",
                         "enable.partition.eof": False,
+                        "error_cb": self._on_client_error,
                     }
                 )
             )
-            self._consumer.subscribe([self.settings.results_topic], on_assign=self._on_assign)
+            self._assign_partitions()
         return self._consumer
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if self.from_beginning:
-            for p in partitions:
-                p.offset = OFFSET_BEGINNING
-            consumer.assign(partitions)
+    def _on_client_error(self, err: KafkaError) -> None:
+        if is_fatal(err):
+            self._fatal.append(err)
+
+    def _topic_id(self) -> str | None:
+        topic = self.settings.results_topic
+        try:
+            if self._admin is None:
+                self._admin = AdminClient(self.settings.client_config())  # type: ignore[arg-type]
+            futures = self._admin.describe_topics(TopicCollection([topic]), request_timeout=10)
+            return str(futures[topic].result(15).topic_id)
+        except Exception as exc:  # an older broker, a broker restarting: offsets alone
+            log.info("collector: cannot describe %s (%s)", topic, exc)
+            return None
+
+    def _assign_partitions(self) -> None:
+        """Assign the results topic's partitions not assigned yet: at the stored position,
+        or from the beginning. The first time, positions that cannot belong to this topic
+        (another topic id, beyond a partition's end, a partition that is gone) mean the
+        topic was recreated or lost records: said in one line, and it is read again from
+        the beginning (the store keeps one row per job part, so re-reading is harmless)."""
+        consumer = self._consumer
+        assert consumer is not None
+        topic = self.settings.results_topic
+        try:
+            md = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        except KafkaException as exc:
+            if is_fatal(exc.args[0]):
+                raise consumer_error(
+                    exc.args[0], f"cannot read {topic}", self.settings.redact
+                ) from None
+            log.warning("collector: cannot list %s (%s); trying again", topic, exc.args[0])
+            return
+        if md is None or md.error is not None or not md.partitions:
+            log.warning("collector: topic %s has no partitions yet; trying again", topic)
+            return
+        new = sorted(set(md.partitions) - self._assigned)
+        if not new:
+            return
+        start = self.start_positions
+        if not self._assigned and start is not None and start.offsets:
+            why = self._stale_positions(consumer, start, set(md.partitions))
+            if why:
+                log.warning(
+                    "collector: the positions stored for run %s on %s do not fit it (%s): "
+                    "the topic was recreated or lost records; reading it again from the "
+                    "beginning",
+                    start.run_id,
+                    topic,
+                    why,
+                )
+                start = None
+            self._next = dict(start.offsets) if start is not None else {}
+        if self._topic_id_now is None:
+            self._topic_id_now = self._topic_id()
+        stored = start.offsets if start is not None else {}
+        if self._assigned:
+            log.info("collector: %s has new partitions %s", topic, new)
+        tps = [TopicPartition(topic, p, stored.get(p, OFFSET_BEGINNING)) for p in new]
+        consumer.incremental_assign(tps)
+        self._assigned.update(new)
+
+    def _stale_positions(
+        self, consumer: Consumer, start: ReadPositions, partitions: set[int]
+    ) -> str | None:
+        current = self._topic_id_now = self._topic_id()
+        if start.topic_id and current and start.topic_id != current:
+            return f"topic id {current}, stored {start.topic_id}"
+        for p, offset in sorted(start.offsets.items()):
+            if p not in partitions:
+                return f"partition {p} is gone"
+            low, high = _watermarks(consumer, TopicPartition(start.topic, p), 10.0)
+            if offset > high:
+                return f"partition {p}: stored {offset}, end {high}"
+            if offset < low:
+                log.warning(
+                    "collector: %s[%d] records %d to %d were deleted before they were "
+                    "collected; their results are lost to this store",
+                    start.topic,
+                    p,
+                    offset,
+                    low - 1,
+                )
+        return None
+
+    def refresh_partitions(self) -> None:
+        """Assign partitions added to the results topic since the last call."""
+        if self._consumer is not None:
+            self._assign_partitions()
+
+    def read_positions(self) -> ReadPositions:
+        """The next offset of every partition read, for the store to write with the results
+        read up to there (:meth:`ResultStore.flush`)."""
+        return ReadPositions(
+            run_id=self.run_id or "",
+            topic=self.settings.results_topic,
+            offsets=dict(self._next),
+            topic_id=self._topic_id_now,
+        )
 
     def results(self, timeout: float) -> list[ResultBatch]:
         out: list[ResultBatch] = []
-        for msg in self.consumer.consume(num_messages=1000, timeout=timeout):
+        try:
+            msgs = self.consumer.consume(num_messages=1000, timeout=timeout)
+        except KafkaException as exc:
+            raise consumer_error(exc.args[0], "collector", self.settings.redact) from None
+        if self._fatal:
+            raise consumer_error(self._fatal[0], "collector", self.settings.redact)
+        for msg in msgs:
             err = msg.error()
             if err is not None:
-                if err.fatal():
-                    raise wrap_kafka_error(KafkaException(err), "collector", self.settings.redact)
+                if is_fatal(err):
+                    raise consumer_error(err, "collector", self.settings.redact)
                 log.warning("collector: %s", err.str())
                 continue
+            # Every record handed out is either buffered below or not a result of the run:
+            # the store may say it is read once the buffer is flushed.
+            self._next[msg.partition() or 0] = (msg.offset() or 0) + 1
             headers = headers_of(msg)
             if self.run_id is not None and headers.get(H_RUN) != self.run_id:
                 continue
@@ -342,21 +477,8 @@ class KafkaBroker(Broker):
         return out
 
     def commit_results(self) -> None:
-        if self._consumer is None:
-            return
-        try:
-            self._consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            err: KafkaError = exc.args[0]
-            if err.code() == KafkaError._NO_OFFSET:
-                return
-            if err.fatal():
-                raise wrap_kafka_error(
-                    exc, "cannot commit collector offsets", self.settings.redact
-                ) from None
-            # The results are stored already: the next flush commits again, and whatever a
-            # restarted collector reads twice meanwhile, the store ignores.
-            log.warning("collector: commit failed (%s); committing at the next flush", err.str())
+        """Nothing to commit on Kafka: the collector's positions are stored with its
+        results (:meth:`read_positions`, :meth:`ResultStore.flush`)."""
 
     # -- reading whole topics ----------------------------------------------------------
 
