@@ -153,7 +153,12 @@ def _glob(pattern: str) -> list[Path]:
         comp, last = comps[i], i == len(comps) - 1
         if comp == "**":
             for d in list(_dirs_below(cur)):
-                expand("" if d == "." and not cur else d, i + 1)
+                d = "" if d == "." and not cur else d
+                if last:  # a final ** matches everything below, files too
+                    found.update(
+                        os.path.join(d, n) for n in os.listdir(d or ".") if not n.startswith(".")
+                    )
+                expand(d, i + 1)
             return
         if not any(ch in comp for ch in GLOB_CHARS):
             names = [comp]
@@ -330,14 +335,14 @@ class InputReader:
                     raise InputError(f"{p}: column {col} appears more than once")
                 t = schema.field(col).type
                 kind = _kind(t)
-                if kind not in _ACCEPTED[col]:
-                    raise InputError(f"{p}: column {col} has type {t}; expected {_EXPECTED[col]}")
                 f0, t0, k0 = first.setdefault(col, (p, str(t), kind))
                 if kind != k0:
                     raise InputError(
                         f"{p}: column {col} has type {t}, but {t0} in {f0}; "
                         "every input file must give it the same kind of type"
                     )
+                if kind not in _ACCEPTED[col]:
+                    raise InputError(f"{p}: column {col} has type {t}; expected {_EXPECTED[col]}")
                 types.append(str(t))
             groups.setdefault(tuple(types), []).append(p)
         return list(groups.values())
@@ -597,8 +602,10 @@ def _require_columns(path: Path, names: list[str]) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
         found = ", ".join(names[:8]) + (", …" if len(names) > 8 else "")
+        lower = {n.lower() for n in names}
+        hint = "; names are case-sensitive" if any(c in lower for c in missing) else ""
         raise InputError(
-            f"{path}: missing column(s) {', '.join(missing)} (found: {found or 'none'})"
+            f"{path}: missing column(s) {', '.join(missing)} (found: {found or 'none'}{hint})"
         )
 
 
