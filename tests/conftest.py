@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -52,13 +53,18 @@ def iso_to_ns(text: str) -> int:
     return seconds * 1_000_000_000 + int(((frac or "") + "000000000")[:9])
 
 
-def raw_ns(column: pa.ChunkedArray | pa.Array) -> list[int]:
-    """The exact nanoseconds since the epoch of a timestamp or ISO text column."""
+def hours(column: pa.ChunkedArray | pa.Array) -> list[int]:
+    """The hour since the epoch of each instant of a timestamp or ISO text column, floored.
+
+    For a timestamp, the stored integers in the column's own unit, floor-divided by the
+    units in an hour (NumPy's ``//`` on integers floors, as Python's does).
+    """
     if pa.types.is_timestamp(column.type):
-        per = _NS_PER_UNIT[column.type.unit]
+        per_hour = NS_PER_HOUR // _NS_PER_UNIT[column.type.unit]
         ints = pc.cast(column, pa.int64())  # the stored integers; tz only labels them
-        return [v * per for v in ints.to_pylist()]
-    return [iso_to_ns(v) for v in column.to_pylist()]
+        raw = np.asarray(ints.to_numpy(), dtype=np.int64)
+        return (raw // np.int64(per_hour)).tolist()
+    return [iso_to_ns(v) // NS_PER_HOUR for v in column.to_pylist()]
 
 
 def reference(path: Path | str) -> pl.DataFrame:
@@ -83,7 +89,7 @@ def reference(path: Path | str) -> pl.DataFrame:
         )
     else:
         table = pq.read_table(path, columns=["country", "test_datetime", "result"])
-    hours = [ns // NS_PER_HOUR for ns in raw_ns(table.column("test_datetime"))]
+    hour = hours(table.column("test_datetime"))
     result = table.column("result")
     positive = (
         result.to_pylist()
@@ -91,7 +97,7 @@ def reference(path: Path | str) -> pl.DataFrame:
         else [r == "positive" for r in result.to_pylist()]
     )
     df = pl.DataFrame(
-        {"country": table.column("country").to_pylist(), "hour": hours, "pos": positive},
+        {"country": table.column("country").to_pylist(), "hour": hour, "pos": positive},
         schema={"country": pl.String, "hour": pl.Int64, "pos": pl.Boolean},
     )
     grouped = df.group_by("country", "hour").agg(

@@ -23,6 +23,7 @@ from dispatchkit.runner import RunSpec, run_embedded
 
 from .conftest import NS_PER_HOUR, assert_exact, iso_to_ns, reference
 
+HEADER_CSV = "country,test_datetime,result\n"
 NS_PER = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
 H6 = iso_to_ns("2020-03-01T06:00:00Z")  # an hour boundary
 START = datetime(2020, 3, 1, tzinfo=UTC)
@@ -280,4 +281,40 @@ def test_keys_match_integer_arithmetic_for_any_instant(
     got, bad = cut(path, tmp_path, start, end)
     want, want_bad = expected(ns, countries, pos, lo_us * 1000, hi_us * 1000)
     assert bad == want_bad
+    assert got.equals(want), (got, want)
+
+
+@st.composite
+def texts(draw: st.DrawFn) -> tuple[list[str], list[int]]:
+    """ISO 8601 text with nine fractional digits and an offset, and its exact instant."""
+    ns = draw(st.lists(st.integers(-LIMIT, LIMIT), min_size=1, max_size=30))
+    out = []
+    for v in ns:
+        minutes = draw(st.integers(-14 * 60, 14 * 60))
+        local = v + minutes * 60 * 1_000_000_000  # the civil time the text spells
+        whole = datetime(1970, 1, 1) + timedelta(seconds=local // 1_000_000_000)
+        sign = "-" if minutes < 0 else "+"
+        off = "Z" if minutes == 0 else f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+        out.append(f"{whole:%Y-%m-%dT%H:%M:%S}.{local % 1_000_000_000:09d}{off}")
+    return out, ns
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=texts())
+def test_csv_text_keys_match_integer_arithmetic(
+    tmp_path: Path, data: tuple[list[str], list[int]]
+) -> None:
+    text, ns = data
+    assert [iso_to_ns(t) for t in text] == ns  # the reference parser reads them back
+    path = tmp_path / "t.csv"
+    path.write_text(HEADER_CSV + "".join(f"A,{t},positive\n" for t in text))
+    start = datetime(1700, 1, 1, tzinfo=UTC)
+    end = datetime(2300, 1, 1, tzinfo=UTC)
+    got, bad = cut(path, tmp_path, start, end)
+    want, want_bad = expected(
+        ns, ["A"] * len(ns), [True] * len(ns), iso_to_ns("1700-01-01"), iso_to_ns("2300-01-01")
+    )
+    assert bad == want_bad == 0
     assert got.equals(want), (got, want)
