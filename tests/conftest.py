@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
-import duckdb
+import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 
 from dispatchkit.generator import GenerateSpec, generate
@@ -14,26 +19,93 @@ from dispatchkit.generator import GenerateSpec, generate
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def reference(path: Path | str) -> pl.DataFrame:
-    """(country, date_hour, tests, positives) by a plain DuckDB group-by over a clean file.
+NS_PER_HOUR = 3_600_000_000_000
+_NS_PER_UNIT = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
+_ISO = re.compile(
+    r"(-?\d{4,})-(\d\d)-(\d\d)(?:[T ](\d\d):(\d\d)(?::(\d\d)(?:\.(\d+))?)?)?"
+    r"\s*(Z|[+-]\d\d(?::?\d\d)?)?",
+    re.IGNORECASE,
+)
 
-    Written without dispatchkit's reader or dispatcher, as a user would check the result.
+
+def days_from_civil(y: int, m: int, d: int) -> int:
+    """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm)."""
+    y -= m <= 2
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def iso_to_ns(text: str) -> int:
+    """Nanoseconds since the epoch of ISO 8601 text, floored; no offset means UTC."""
+    m = _ISO.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"not ISO 8601: {text!r}")
+    y, mo, d, h, mi, s, frac, off = m.groups()
+    seconds = days_from_civil(int(y), int(mo), int(d)) * 86_400
+    seconds += int(h or 0) * 3600 + int(mi or 0) * 60 + int(s or 0)
+    if off and off.upper() != "Z":
+        sign = -1 if off[0] == "-" else 1
+        digits = off[1:].replace(":", "")
+        seconds -= sign * (int(digits[:2]) * 3600 + int(digits[2:] or 0) * 60)
+    return seconds * 1_000_000_000 + int(((frac or "") + "000000000")[:9])
+
+
+def hours(column: pa.ChunkedArray | pa.Array) -> list[int]:
+    """The hour since the epoch of each instant of a timestamp or ISO text column, floored.
+
+    For a timestamp, the stored integers in the column's own unit, floor-divided by the
+    units in an hour (NumPy's ``//`` on integers floors, as Python's does).
+    """
+    if pa.types.is_timestamp(column.type):
+        per_hour = NS_PER_HOUR // _NS_PER_UNIT[column.type.unit]
+        ints = pc.cast(column, pa.int64())  # the stored integers; tz only labels them
+        raw = np.asarray(ints.to_numpy(), dtype=np.int64)
+        return (raw // np.int64(per_hour)).tolist()
+    return [iso_to_ns(v) // NS_PER_HOUR for v in column.to_pylist()]
+
+
+def reference(path: Path | str) -> pl.DataFrame:
+    """(country, date_hour, tests, positives) of a clean file, apart from dispatchkit.
+
+    The hour of each row is the raw stored integer (Parquet) or our own parse of the
+    ISO text (CSV), floor-divided in Python integers: no DuckDB cast, no float, the
+    same for instants before 1970 and for nanoseconds just before an hour.
     """
     path = str(path)
-    source = f"read_csv('{path}', all_varchar=true)" if path.endswith(".csv") else f"'{path}'"
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
-    table = con.sql(
-        f"""
-        SELECT country,
-               date_trunc('hour', CAST(test_datetime AS TIMESTAMPTZ)) AS date_hour,
-               count(*) AS tests,
-               count(*) FILTER (WHERE result = 'positive') AS positives
-        FROM {source}
-        GROUP BY ALL ORDER BY country, date_hour
-        """
-    ).to_arrow_table()
-    return normalize(pl.DataFrame(pl.from_arrow(table)))
+    if path.endswith(".csv"):
+        table = pacsv.read_csv(
+            path,
+            convert_options=pacsv.ConvertOptions(
+                include_columns=["country", "test_datetime", "result"],
+                column_types={
+                    "country": pa.string(),
+                    "test_datetime": pa.string(),
+                    "result": pa.string(),
+                },
+            ),
+        )
+    else:
+        table = pq.read_table(path, columns=["country", "test_datetime", "result"])
+    hour = hours(table.column("test_datetime"))
+    result = table.column("result")
+    positive = (
+        result.to_pylist()
+        if pa.types.is_boolean(result.type)
+        else [r == "positive" for r in result.to_pylist()]
+    )
+    df = pl.DataFrame(
+        {"country": table.column("country").to_pylist(), "hour": hour, "pos": positive},
+        schema={"country": pl.String, "hour": pl.Int64, "pos": pl.Boolean},
+    )
+    grouped = df.group_by("country", "hour").agg(
+        pl.len().alias("tests"), pl.col("pos").sum().alias("positives")
+    )
+    return normalize(
+        grouped.with_columns(pl.from_epoch(pl.col("hour") * 3600, time_unit="s").alias("date_hour"))
+    )
 
 
 def normalize(df: pl.DataFrame) -> pl.DataFrame:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -34,13 +34,14 @@ import numpy.typing as npt
 
 from dispatchkit.errors import RunError
 from dispatchkit.message import SCHEMA_VERSION, Job, JobBatch
-from dispatchkit.reader import InputReader
+from dispatchkit.reader import HOUR_BIAS, InputReader
 
 #: Kafka's default message limit is 1 MB; leave room for the envelope and headers.
 DEFAULT_MAX_MESSAGE_BYTES = 900_000
 #: Jobs per batch are also capped so a batch stays a small unit of work.
 DEFAULT_MAX_JOBS_PER_BATCH = 48
 _JOB_OVERHEAD = 96  # msgpack bytes of one job's fields besides its outcomes
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def job_id(run_id: str, country: str, date_hour: int) -> str:
@@ -52,13 +53,18 @@ def job_id(run_id: str, country: str, date_hour: int) -> str:
 def batch_key(batch: JobBatch) -> bytes:
     """The transport key of a batch: its country and UTC day (one job key → one message key)."""
     first = batch.jobs[0]
-    day = datetime.fromtimestamp(first.date_hour, UTC).date().isoformat()
+    day = _utc(first.date_hour).date().isoformat()
     return f"{first.country}|{day}".encode()
 
 
 def iso_hour(date_hour: int) -> str:
-    """``2020-03-01T05:00:00Z`` for an epoch second."""
-    return datetime.fromtimestamp(date_hour, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """``2020-03-01T05:00:00Z`` for an epoch second (before 1970 too)."""
+    return _utc(date_hour).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _utc(epoch_second: int) -> datetime:
+    # Exact integer arithmetic on any platform; fromtimestamp() refuses negative times on some.
+    return _EPOCH + timedelta(seconds=epoch_second)
 
 
 @dataclass
@@ -113,7 +119,7 @@ class Dispatcher:
         ``on_rows`` is called with the number of rows cut from each record batch.
         """
         pending: list[Job] = []
-        pending_day = -1
+        pending_day = (-1, 0)
         pending_bytes = 0
 
         def flush() -> Iterator[JobBatch]:
@@ -152,7 +158,7 @@ class Dispatcher:
                 ]
             else:
                 jobs = self._parts(country, date_hour, outcomes)
-            day = cid * 1_000_000 + hour // 24
+            day = (cid, hour // 24)  # floor: hours before 1970 are negative
             for job in jobs:
                 if skip_parts and (country, date_hour, job.part) in skip_parts:
                     continue
@@ -197,6 +203,9 @@ class Dispatcher:
         self, on_rows: Callable[[int], None] | None
     ) -> Iterator[tuple[int, int, int, bytes, npt.NDArray[np.bool_]]]:
         """Yield ``(cid, hour, n, packed outcomes, outcomes)`` once per key, in key order.
+
+        ``hour`` counts hours since the epoch (negative before 1970): the reader's key is
+        ``cid << 32 | hour + HOUR_BIAS``.
 
         Each record batch is cut at key changes and all its complete keys are bit-packed
         in one vectorized pass; the last key of a batch may continue in the next, so its
@@ -272,4 +281,4 @@ def _pack(
         byte_off[1:].tolist(),
         strict=True,
     ):
-        yield (k >> 32, k & 0xFFFFFFFF, n, packed[lo:hi], pos[a:b])
+        yield (k >> 32, (k & 0xFFFFFFFF) - HOUR_BIAS, n, packed[lo:hi], pos[a:b])

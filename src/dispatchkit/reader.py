@@ -18,12 +18,14 @@ cut) in Python. Input size changes the spill size and the time, not the peak mem
 from __future__ import annotations
 
 import csv
-import glob
+import fnmatch
 import hashlib
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,32 +36,47 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from dispatchkit.errors import BadRowError, InputError
-from dispatchkit.schema import NEGATIVE, POSITIVE, REASONS, REQUIRED_COLUMNS
+from dispatchkit.schema import MAX_KEY_BYTES, NEGATIVE, POSITIVE, REASONS, REQUIRED_COLUMNS
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv",)
+GLOB_CHARS = "*?["
+
+#: Added to an hour since the epoch in the sort key, so that hours before 1970 sort and
+#: decode too: every hour of the years 1-9999 (all ``--start``/``--end`` can name) plus
+#: the bias lies in ``[0, 2**32)``.
+HOUR_BIAS = 1 << 31
+
+_UNIT_PER_HOUR = {"us": 3_600_000_000, "ns": 3_600_000_000_000}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 def resolve_inputs(source: str | Path) -> list[Path]:
-    """The input files named by a path, a directory or a glob, sorted; errors read as sentences."""
+    """The input files named by a path, a directory or a glob: sorted, each real file once.
+
+    An existing path is taken literally, even when its name holds ``*?[``; only a name
+    that does not exist is expanded as a pattern. Directories are walked following
+    symbolic links, but each real directory once (a link to an ancestor cannot loop),
+    and a file reached twice (through links) is read once. Names starting with ``.``
+    are left out of directory walks and wildcard matches, as in a shell.
+    """
     text = str(source)
     path = Path(text)
-    if any(ch in text for ch in "*?["):
-        paths = [Path(p) for p in sorted(glob.glob(text, recursive=True)) if Path(p).is_file()]
+    if path.exists():
+        if path.is_dir():
+            paths = _walk_files(path)
+            if not paths:
+                raise InputError(f"{text}: directory holds no .parquet or .csv files")
+        else:
+            paths = [path]
+    elif any(ch in text for ch in GLOB_CHARS):
+        paths = [p for p in _glob(text) if p.is_file()]
         if not paths:
             raise InputError(f"{text}: no files match this pattern")
-    elif path.is_dir():
-        paths = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file() and p.suffix.lower() in PARQUET_SUFFIXES + CSV_SUFFIXES
-        )
-        if not paths:
-            raise InputError(f"{text}: directory holds no .parquet or .csv files")
-    elif path.exists():
-        paths = [path]
     else:
         raise InputError(f"{text}: no such file or directory")
+    paths = _unique_files(paths)
     kinds = set()
     for p in paths:
         suffix = p.suffix.lower()
@@ -75,6 +92,97 @@ def resolve_inputs(source: str | Path) -> list[Path]:
     if len(kinds) > 1:
         raise InputError(f"{text}: mixes Parquet and CSV files; give one kind per run")
     return paths
+
+
+def _unique_files(paths: list[Path]) -> list[Path]:
+    """``paths`` without the files already listed under another name (links), in order."""
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for p in paths:
+        st = p.stat()
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            out.append(p)
+    return out
+
+
+def _dirs_below(root: str) -> Iterator[str]:
+    """``root`` and every directory below it, following links, each real directory once."""
+
+    def fail(exc: OSError) -> None:
+        raise InputError(f"{exc.filename}: cannot list directory ({exc.strerror})") from None
+
+    seen: set[tuple[int, int]] = set()
+    for top, dirs, _ in os.walk(root or ".", onerror=fail, followlinks=True):
+        st = os.stat(top)
+        seen.add((st.st_dev, st.st_ino))
+        keep = []
+        for d in sorted(dirs):
+            try:
+                sd = os.stat(os.path.join(top, d))
+            except OSError:
+                continue  # a dangling link
+            if not d.startswith(".") and (sd.st_dev, sd.st_ino) not in seen:
+                seen.add((sd.st_dev, sd.st_ino))
+                keep.append(d)
+        dirs[:] = keep
+        yield top if root else os.path.relpath(top)
+
+
+def _walk_files(root: Path) -> list[Path]:
+    suffixes = PARQUET_SUFFIXES + CSV_SUFFIXES
+    return sorted(
+        Path(top, name)
+        for top in _dirs_below(str(root))
+        for name in os.listdir(top)
+        if not name.startswith(".")
+        and name.lower().endswith(suffixes)
+        and os.path.isfile(os.path.join(top, name))
+    )
+
+
+def _glob(pattern: str) -> list[Path]:
+    """Expand a shell pattern (``**`` = any depth) without looping through directory links."""
+    comps = [c for c in pattern.split("/") if c not in ("", ".")]
+    found: set[str] = set()
+
+    def expand(cur: str, i: int) -> None:
+        if i == len(comps):
+            found.add(cur)
+            return
+        comp, last = comps[i], i == len(comps) - 1
+        if comp == "**":
+            for d in list(_dirs_below(cur)):
+                d = "" if d == "." and not cur else d
+                if last:  # a final ** matches everything below, files too
+                    found.update(
+                        os.path.join(d, n) for n in os.listdir(d or ".") if not n.startswith(".")
+                    )
+                expand(d, i + 1)
+            return
+        if not any(ch in comp for ch in GLOB_CHARS):
+            names = [comp]
+        else:
+            try:
+                names = sorted(os.listdir(cur or "."))
+            except OSError:
+                return
+            hidden_ok = comp.startswith(".")
+            names = [
+                n
+                for n in names
+                if (hidden_ok or not n.startswith(".")) and fnmatch.fnmatchcase(n, comp)
+            ]
+        for name in names:
+            nxt = os.path.join(cur, name)
+            if last:
+                if os.path.exists(nxt):
+                    found.add(nxt)
+            elif os.path.isdir(nxt):
+                expand(nxt, i + 1)
+
+    expand("/" if pattern.startswith("/") else "", 0)
+    return [Path(p) for p in sorted(found)]
 
 
 def fingerprint(paths: list[Path]) -> str:
@@ -107,7 +215,12 @@ def _sql_list(values: tuple[str, ...]) -> str:
 
 
 class InputReader:
-    """A DuckDB session over the input files, limited in memory and spilling to disk."""
+    """A DuckDB session over the input files, limited in memory and spilling to disk.
+
+    Its files (CSV staging copies, DuckDB's spill files) live in a directory of its own
+    under ``spill_dir``, made unique per reader and removed by :meth:`close` — also when
+    the constructor fails — so two processes can share an output directory's spill dir.
+    """
 
     def __init__(
         self,
@@ -124,17 +237,23 @@ class InputReader:
         self.end = end
         self.spill_dir = spill_dir
         spill_dir.mkdir(parents=True, exist_ok=True)
-        self.con = duckdb.connect(
-            config={
-                "memory_limit": memory_limit,
-                "threads": threads,
-                "temp_directory": str(spill_dir / "duckdb"),
-            }
-        )
-        self.con.execute("SET TimeZone = 'UTC'")
+        self.work_dir = Path(tempfile.mkdtemp(prefix="reader-", dir=spill_dir))
         self._staged: list[Path] = []
         self.countries: list[str] = []
-        self._build_view()
+        self.con: duckdb.DuckDBPyConnection | None = None
+        try:
+            self.con = duckdb.connect(
+                config={
+                    "memory_limit": memory_limit,
+                    "threads": threads,
+                    "temp_directory": str(self.work_dir / "duckdb"),
+                }
+            )
+            self._con.execute("SET TimeZone = 'UTC'")
+            self._build_view()
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> InputReader:
         return self
@@ -145,69 +264,153 @@ class InputReader:
         self.close()
 
     def close(self) -> None:
-        self.con.close()
-        for p in self._staged:
-            p.unlink(missing_ok=True)
+        if self.con is not None:
+            self.con.close()
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    @property
+    def _con(self) -> duckdb.DuckDBPyConnection:
+        assert self.con is not None
+        return self.con
 
     # -- building the view -------------------------------------------------------------
 
     def _build_view(self) -> None:
         if self.paths[0].suffix.lower() in CSV_SUFFIXES:
             files = [self._stage_csv(p) for p in self.paths]
-            source = f"read_parquet({_sql_list(tuple(str(f) for f in files))})"
-            self.con.execute(f"CREATE VIEW source AS SELECT * FROM {source}")
+            scans = [(self.paths[0], f"SELECT * FROM read_parquet([{_duck_paths(files)}])")]
         else:
-            for p in self.paths:
-                self._check_parquet(p)
-            files_sql = _sql_list(tuple(str(p) for p in self.paths))
-            self.con.execute(
-                f"CREATE VIEW source AS SELECT file_row_number + 1 AS row, filename AS file, "
-                f"country, test_datetime, result FROM read_parquet([{files_sql}], "
-                f"filename = true, file_row_number = true, union_by_name = true)"
-            )
-        types = {row[0]: row[1] for row in self.con.execute("DESCRIBE source").fetchall()}
-        ts, res = self._typed_expressions(types)
-        start, end = int(self.start.timestamp()), int(self.end.timestamp())
+            scans = [
+                (
+                    group[0],
+                    f"SELECT file_row_number + 1 AS row, filename AS file, country, "
+                    f"test_datetime, result FROM read_parquet([{_duck_paths(group)}], "
+                    f"filename = true, file_row_number = true, union_by_name = true)",
+                )
+                for group in self._parquet_groups()
+            ]
+        branches = [self._branch(first, scan) for first, scan in scans]
         reason = (
             "CASE "
             + " ".join(
                 f"WHEN {cond} THEN '{code}'"
                 for code, cond in (
-                    ("country_missing", "country IS NULL"),
+                    ("country_missing", "country_t IS NULL"),
                     ("country_empty", "country_t = ''"),
-                    ("test_datetime_missing", "test_datetime IS NULL"),
-                    ("test_datetime_unparseable", "ts IS NULL"),
-                    ("test_datetime_out_of_range", f"ts < {start} OR ts >= {end}"),
-                    ("result_missing", "result IS NULL"),
+                    ("country_too_long", f"strlen(country_t) > {MAX_KEY_BYTES}"),
+                    ("test_datetime_missing", "ts_missing"),
+                    ("test_datetime_unparseable", "hour IS NULL"),
+                    ("test_datetime_out_of_range", "NOT in_range"),
+                    ("result_missing", "res IS NULL"),
                     ("result_invalid", f"res NOT IN ({_sql_list(POSITIVE + NEGATIVE)})"),
                 )
             )
             + " END"
         )
-        self.con.execute(
+        self._con.execute(
             f"""
-            CREATE VIEW normalized AS
-              SELECT row, file, country, test_datetime, result,
-                     {_strip("country")} AS country_t, {ts} AS ts, {res} AS res
-              FROM source;
+            CREATE VIEW normalized AS {" UNION ALL ".join(branches)};
             CREATE VIEW checked AS SELECT *, {reason} AS reason FROM normalized;
             """
         )
 
-    def _check_parquet(self, path: Path) -> None:
-        try:
-            schema = pq.read_schema(path)
-        except Exception as exc:
-            raise InputError(f"{path}: not a readable Parquet file ({_short(exc)})") from None
-        _require_columns(path, list(schema.names))
+    def _parquet_groups(self) -> list[list[Path]]:
+        """The Parquet files grouped by the exact types of their three columns.
+
+        Each group is read by one scan, so DuckDB never casts a column from one file's
+        type to another's; files whose types differ in kind (text against a number, a
+        timestamp against text) are refused, naming the file, the column and both types.
+        """
+        groups: dict[tuple[str, ...], list[Path]] = {}
+        first: dict[str, tuple[Path, str, str]] = {}  # column -> (file, type, kind)
+        for p in self.paths:
+            try:
+                schema = pq.read_schema(p)
+            except Exception as exc:
+                raise InputError(f"{p}: not a readable Parquet file ({_short(exc)})") from None
+            _require_columns(p, list(schema.names))
+            types = []
+            for col in REQUIRED_COLUMNS:
+                if schema.names.count(col) > 1:
+                    raise InputError(f"{p}: column {col} appears more than once")
+                t = schema.field(col).type
+                kind = _kind(t)
+                f0, t0, k0 = first.setdefault(col, (p, str(t), kind))
+                if kind != k0:
+                    raise InputError(
+                        f"{p}: column {col} has type {t}, but {t0} in {f0}; "
+                        "every input file must give it the same kind of type"
+                    )
+                if kind not in _ACCEPTED[col]:
+                    raise InputError(f"{p}: column {col} has type {t}; expected {_EXPECTED[col]}")
+                types.append(str(t))
+            groups.setdefault(tuple(types), []).append(p)
+        return list(groups.values())
+
+    def _branch(self, first: Path, scan: str) -> str:
+        """One scan's rows normalized: the key, the hour floored exactly, the range check.
+
+        ``ts`` is the instant as an exact integer: microseconds, or nanoseconds for a
+        nanosecond column (never rounded to microseconds), text parsed with offsets to
+        microseconds (DuckDB truncates further digits, which floors a civil time). The
+        range is compared in that unit against ``start``/``end`` converted exactly, and the
+        hour is a true floor division for instants before 1970 too.
+        """
+        types = {
+            row[0]: str(row[1]).upper() for row in self._con.execute(f"DESCRIBE {scan}").fetchall()
+        }
+        where = first if len(self.paths) == 1 else f"{first} (and files like it)"
+        tt = types["test_datetime"]
+        if tt in ("VARCHAR", "STRING"):
+            ts, unit = "epoch_us(TRY_CAST(test_datetime AS TIMESTAMPTZ))", "us"
+        elif tt.startswith("TIMESTAMP") and "NS" in tt:
+            ts, unit = "epoch_ns(test_datetime)", "ns"
+        elif tt.startswith("TIMESTAMP"):
+            ts, unit = "epoch_us(test_datetime)", "us"
+        else:
+            raise InputError(
+                f"{where}: column test_datetime has type {tt}; "
+                "expected a timestamp or ISO 8601 text"
+            )
+        rt = types["result"]
+        if rt == "VARCHAR":
+            res = f"lower({_strip('result')})"
+        elif rt == "BOOLEAN":
+            res = "CASE WHEN result THEN 'positive' WHEN NOT result THEN 'negative' END"
+        else:
+            raise InputError(f"{where}: column result has type {rt}; expected text or boolean")
+        if types["country"] != "VARCHAR":
+            raise InputError(f"{where}: column country has type {types['country']}; expected text")
+        lo, hi = _in_unit(self.start, unit), _in_unit(self.end, unit)
+        per_hour = _UNIT_PER_HOUR[unit]
+        # Floor division whatever the sign convention of // and %: DuckDB truncates.
+        hour = f"(ts // {per_hour} - (ts % {per_hour} < 0)::BIGINT)"
+        return f"""
+            SELECT row, file, country, test_datetime, result, country_t, ts_missing, res,
+                   {hour} AS hour, (ts >= {lo} AND ts < {hi}) AS in_range
+            FROM (
+              SELECT row, file, country,
+                     CAST(test_datetime AS VARCHAR) AS test_datetime,
+                     CAST(result AS VARCHAR) AS result,
+                     {_strip("country")} AS country_t, test_datetime IS NULL AS ts_missing,
+                     {ts} AS ts, {res} AS res
+              FROM ({scan})
+            )"""
 
     def _stage_csv(self, path: Path) -> Path:
-        """Copy a CSV file's required columns, as text and with row numbers, to Parquet."""
+        """Copy a CSV file's required columns, as text and with row numbers, to Parquet.
+
+        Header names are read by us and normalized: a UTF-8 byte order mark and spaces
+        around a name are dropped. Case is kept (``Country`` is not ``country``, as in
+        Parquet), but named in the error.
+        """
         try:
-            with path.open(newline="", encoding="utf-8") as fh:
+            with path.open(newline="", encoding="utf-8-sig") as fh:
                 header = next(csv.reader(fh), [])
         except UnicodeDecodeError:
             raise InputError(f"{path}: not a UTF-8 text CSV file") from None
+        except csv.Error as exc:
+            raise InputError(f"{path}: malformed CSV header ({_short(exc)})") from None
         header = [h.strip() for h in header]
         if len(header) == 1 and any(d in header[0] for d in ";\t|"):
             raise InputError(
@@ -215,7 +418,12 @@ class InputReader:
                 "dispatchkit reads CSV with ',' as the delimiter"
             )
         _require_columns(path, header)
-        staged = self.spill_dir / f"stage-{len(self._staged)}-{path.stem}.parquet"
+        for col in REQUIRED_COLUMNS:
+            if header.count(col) > 1:
+                raise InputError(f"{path}: column {col} appears more than once in the header")
+        # Our names for pyarrow: the required ones, and unique placeholders for the rest.
+        names = [h if h in REQUIRED_COLUMNS else f"\x00{i}" for i, h in enumerate(header)]
+        staged = self.work_dir / f"stage-{len(self._staged)}.parquet"
         self._staged.append(staged)
         opts = pacsv.ConvertOptions(
             column_types={c: pa.string() for c in REQUIRED_COLUMNS},
@@ -229,7 +437,7 @@ class InputReader:
         try:
             reader = pacsv.open_csv(
                 path,
-                read_options=pacsv.ReadOptions(block_size=8 << 20),
+                read_options=pacsv.ReadOptions(block_size=8 << 20, column_names=names, skip_rows=1),
                 parse_options=pacsv.ParseOptions(delimiter=","),
                 convert_options=opts,
             )
@@ -249,36 +457,14 @@ class InputReader:
             raise InputError(f"{path}: CSV file has a header but no rows")
         return staged
 
-    def _typed_expressions(self, types: dict[str, str]) -> tuple[str, str]:
-        """SQL for the epoch second of ``test_datetime`` and the normalized ``result``."""
-        tt = types["test_datetime"].upper()
-        if tt in ("VARCHAR", "STRING"):
-            ts = "floor(epoch(TRY_CAST(test_datetime AS TIMESTAMPTZ)))::BIGINT"
-        elif tt.startswith("TIMESTAMP"):
-            ts = "floor(epoch(CAST(test_datetime AS TIMESTAMPTZ)))::BIGINT"
-        else:
-            raise InputError(
-                f"column test_datetime has type {tt}; expected a timestamp or ISO 8601 text"
-            )
-        rt = types["result"].upper()
-        if rt == "VARCHAR":
-            res = f"lower({_strip('result')})"
-        elif rt == "BOOLEAN":
-            res = "CASE WHEN result THEN 'positive' ELSE 'negative' END"
-        else:
-            raise InputError(f"column result has type {rt}; expected text or boolean")
-        if types["country"].upper() != "VARCHAR":
-            raise InputError(f"column country has type {types['country']}; expected text")
-        return ts, res
-
     # -- queries -----------------------------------------------------------------------
 
     def counts(self) -> RowCounts:
         """Rows read, rows failing each check, and distinct jobs (one full pass)."""
         try:
-            rows = self.con.execute(
+            rows = self._con.execute(
                 "SELECT coalesce(reason, ''), count(*), "
-                "count(DISTINCT (country_t, ts // 3600)) FILTER (WHERE reason IS NULL) "
+                "count(DISTINCT (country_t, hour)) FILTER (WHERE reason IS NULL) "
                 "FROM checked GROUP BY ALL"
             ).fetchall()
         except duckdb.Error as exc:
@@ -292,7 +478,7 @@ class InputReader:
 
     def first_bad_row(self) -> None:
         """Raise :class:`BadRowError` for the first invalid row, if there is one."""
-        row = self.con.execute(
+        row = self._con.execute(
             "SELECT file, row, reason, country, CAST(test_datetime AS VARCHAR), "
             "CAST(result AS VARCHAR) FROM checked WHERE reason IS NOT NULL "
             "ORDER BY file, row LIMIT 1"
@@ -315,7 +501,7 @@ class InputReader:
             f"('{code}', '{fld}', '{why.replace(chr(39), chr(39) * 2)}')"
             for code, (fld, why) in REASONS.items()
         )
-        self.con.execute(
+        self._con.execute(
             f"""
             CREATE OR REPLACE TEMP TABLE quarantine AS
             SELECT c.file, c.row, r.field, r.why AS reason,
@@ -328,31 +514,32 @@ class InputReader:
             """
         )
         pq_path, csv_path = out_dir / "quarantine.parquet", out_dir / "quarantine.csv"
-        self.con.execute(f"COPY quarantine TO '{_esc(pq_path)}' (FORMAT parquet)")
-        self.con.execute(f"COPY quarantine TO '{_esc(csv_path)}' (FORMAT csv, HEADER)")
-        self.con.execute("DROP TABLE quarantine")
+        self._con.execute(f"COPY quarantine TO '{_esc(pq_path)}' (FORMAT parquet)")
+        self._con.execute(f"COPY quarantine TO '{_esc(csv_path)}' (FORMAT csv, HEADER)")
+        self._con.execute("DROP TABLE quarantine")
         return pq_path, csv_path
 
     def sorted_valid(self, rows_per_batch: int = 262_144) -> Iterator[pa.RecordBatch]:
-        """Valid rows as ``(key, pos)`` sorted by key = ``cid << 32 | hour since the epoch``.
+        """Valid rows as ``(key, pos)`` sorted by key = ``cid << 32 | hour + HOUR_BIAS``.
 
         One integer sort key sorts twice as fast as two columns; ``self.countries[cid]``
-        names the country.
+        names the country, ``(key & 0xFFFFFFFF) - HOUR_BIAS`` is the hour since the epoch
+        (negative before 1970).
         """
         self.countries[:] = [  # in place: callers may hold the list
             str(r[0])
-            for r in self.con.execute(
+            for r in self._con.execute(
                 "SELECT DISTINCT country_t FROM checked WHERE reason IS NULL ORDER BY 1"
             ).fetchall()
         ]
-        self.con.execute(
+        self._con.execute(
             "CREATE OR REPLACE TEMP TABLE country_ids AS "
             "SELECT country_t, (row_number() OVER (ORDER BY country_t) - 1)::INTEGER AS cid "
             "FROM (SELECT DISTINCT country_t FROM checked WHERE reason IS NULL)"
         )
-        reader: Any = self.con.sql(
+        reader: Any = self._con.sql(
             f"""
-            SELECT (k.cid::BIGINT << 32) | (c.ts // 3600) AS key,
+            SELECT (k.cid::BIGINT << 32) | (c.hour + {HOUR_BIAS}) AS key,
                    (c.res IN ({_sql_list(POSITIVE)}))::UTINYINT AS pos
             FROM checked c JOIN country_ids k USING (country_t)
             WHERE c.reason IS NULL
@@ -367,6 +554,45 @@ _STAGE_SCHEMA = pa.schema(
 )
 
 
+#: Kinds of Arrow type accepted per column; files must agree on the kind.
+_ACCEPTED = {
+    "country": ("text",),
+    "test_datetime": ("timestamp", "text"),
+    "result": ("text", "boolean"),
+}
+_EXPECTED = {
+    "country": "text",
+    "test_datetime": "a timestamp or ISO 8601 text",
+    "result": "text or boolean",
+}
+
+
+def _kind(t: pa.DataType) -> str:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "text"
+    if pa.types.is_timestamp(t):
+        return "timestamp"
+    if pa.types.is_boolean(t):
+        return "boolean"
+    return str(t)
+
+
+def _in_unit(when: datetime, unit: str) -> int:
+    """``when`` as an exact integer count of ``unit`` since the epoch, clamped to int64."""
+    us = (when - _EPOCH) // timedelta(microseconds=1)
+    value = us * 1000 if unit == "ns" else us
+    return min(max(value, _INT64[0]), _INT64[1])
+
+
+def _duck_paths(paths: list[Path]) -> str:
+    """SQL list items naming ``paths`` literally: DuckDB globs ``*?[``, so they are escaped."""
+    return _sql_list(
+        tuple("".join(f"[{c}]" if c in GLOB_CHARS else c for c in str(p)) for p in paths)
+    )
+
+
 def _strip(column: str) -> str:
     """SQL trimming spaces, tabs and line breaks (DuckDB's one-argument trim takes spaces only)."""
     return f"trim({column}, chr(32) || chr(9) || chr(10) || chr(13) || chr(11) || chr(12))"
@@ -376,8 +602,10 @@ def _require_columns(path: Path, names: list[str]) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
         found = ", ".join(names[:8]) + (", …" if len(names) > 8 else "")
+        lower = {n.lower() for n in names}
+        hint = "; names are case-sensitive" if any(c in lower for c in missing) else ""
         raise InputError(
-            f"{path}: missing column(s) {', '.join(missing)} (found: {found or 'none'})"
+            f"{path}: missing column(s) {', '.join(missing)} (found: {found or 'none'}{hint})"
         )
 
 
