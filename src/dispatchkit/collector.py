@@ -24,6 +24,7 @@ from dispatchkit.config import KafkaSettings
 from dispatchkit.dispatcher import iso_hour
 from dispatchkit.errors import BrokerError, FatalBrokerError, RunError
 from dispatchkit.message import JobBatch, Manifest, ResultBatch, decode
+from dispatchkit.outdir import holds_out_dir
 from dispatchkit.progress import Bars
 from dispatchkit.runner import STORE_NAME, RunSummary, finish
 from dispatchkit.store import ResultStore
@@ -39,6 +40,7 @@ def collector_group(settings: KafkaSettings, run_id: str) -> str:
     return f"{settings.topic_prefix}.collector.{run_id}"
 
 
+@holds_out_dir("collect")  # one collector per --out: the store is single-writer
 def collect(
     settings: KafkaSettings,
     run_id: str,
