@@ -408,3 +408,62 @@ def test_report_png_has_the_mode_of_the_other_outputs(small_parquet: Path, tmp_p
     umask = os.umask(0)
     os.umask(umask)
     assert modes["report.png"] == 0o666 & ~umask
+
+
+# -- run --broker kafka -----------------------------------------------------------------
+
+
+def _kafka_run(data: Path, out: Path, prefix_args: list[str], **env_: str) -> subprocess.Popen[str]:
+    return start(
+        "run", str(data), "--out", str(out), "--workers", "2", "-q", "--broker", "kafka",
+        "--run-id", "k", *prefix_args, env=env(**env_),
+    )  # fmt: skip
+
+
+def _kafka_children_up(proc: subprocess.Popen[str]) -> bool:
+    """Both workers and the dispatcher child are running."""
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return False
+    lines = [" ".join(k.cmdline()) for k in kids]
+    return sum(" worker " in c for c in lines) >= 2 and any("spawn_main" in c for c in lines)
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize(
+    ("sig", "code", "line"),
+    [
+        (signal.SIGINT, 130, "dispatchkit: interrupted"),
+        (signal.SIGTERM, 143, "dispatchkit: terminated"),
+        (signal.SIGKILL, -9, None),
+    ],
+    ids=["sigint", "sigterm", "kill-9"],
+)
+def test_kafka_run_stopped_by_a_signal_leaves_no_child_and_rerun_is_exact(
+    medium_parquet: Path, tmp_path: Path, sig: int, code: int, line: str | None
+) -> None:
+    from .kafka_helpers import kafka_args, new_settings
+
+    settings = new_settings()
+    out = tmp_path / "out"
+    proc = _kafka_run(medium_parquet, out, kafka_args(settings))
+    wait_for(lambda: _kafka_children_up(proc) or proc.poll() is not None, what="children")
+    assert proc.poll() is None, proc.communicate()[1]
+    time.sleep(1.0)  # mid-dispatch
+    kids = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    assert proc.returncode == code
+    descendants_gone(kids, timeout=10)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.stdout is not None
+    proc.stdout.close()
+    if line is not None:
+        assert one_line(err) == line
+    again = _kafka_run(medium_parquet, out, kafka_args(settings))
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert_exact(pl.read_parquet(out / "results.parquet"), reference(medium_parquet))

@@ -476,11 +476,17 @@ def _close(bars: Bars | None) -> None:
 
 
 def _interrupted(bars: Bars | None, signals: list[int]) -> int:
+    from dispatchkit import procs
+
     _close(bars)
+    # A worker a ``run`` started is stopped by it: the parent's line is the one to read.
+    quiet = procs.supervised()
     if signals and signals[0] == signal.SIGTERM:
-        print("dispatchkit: terminated", file=sys.stderr)
+        if not quiet:
+            print("dispatchkit: terminated", file=sys.stderr)
         return RET_TERMINATED
-    print("dispatchkit: interrupted", file=sys.stderr)
+    if not quiet:
+        print("dispatchkit: interrupted", file=sys.stderr)
     return RET_INTERRUPTED
 
 

@@ -49,6 +49,11 @@ def orphaned() -> bool:
     return _parent is not None and os.getppid() != _parent
 
 
+def supervised() -> bool:
+    """Whether this process is a child a ``run`` started and stops (it says nothing then)."""
+    return _parent is not None
+
+
 def adopt_parent_from_env() -> None:
     """For a process a ``run`` started: die with it (``$DISPATCHKIT_PARENT_PID``)."""
     value = os.environ.pop(PARENT_ENV, "")
