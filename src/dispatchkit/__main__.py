@@ -2,6 +2,10 @@
 
 import sys
 
-from dispatchkit.cli import main
+try:
+    from dispatchkit.cli import main
+except KeyboardInterrupt:  # Ctrl-C while the command line is still being imported
+    print("dispatchkit: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

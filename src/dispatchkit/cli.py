@@ -1,29 +1,39 @@
 """The ``dispatchkit`` command: parse flags, build a spec, call one library function.
 
 Errors dispatchkit raises on purpose become one line on stderr and their exit code
-(:mod:`dispatchkit.errors`); argparse's own usage errors exit 2.
+(:mod:`dispatchkit.errors`); argparse's own usage errors exit 2. So do the expected
+failures of the libraries underneath (DuckDB errors, OS errors on the user's paths),
+Ctrl-C and SIGTERM in any phase, and a stdout closed early (``| head``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaException
 
 from dispatchkit import __version__
 from dispatchkit.errors import (
+    RET_BROKEN_PIPE,
     RET_BROKER,
+    RET_FAILED,
     RET_INTERRUPTED,
     RET_OK,
+    RET_TERMINATED,
     DispatchkitError,
     UsageError,
 )
@@ -116,10 +126,29 @@ def _countries(text: str) -> dict[str, str]:
 # -- run --------------------------------------------------------------------------------
 
 
+def check_message_bytes(run_id: str | None, max_message_bytes: int) -> None:
+    """Refuse, before any work, a --max-message-bytes too small to carry one job.
+
+    A job part may carry ``max_message_bytes - 256 - len(run_id) - 96`` bytes of
+    outcomes (:class:`~dispatchkit.dispatcher.Dispatcher`); at least one byte must fit.
+    A derived run id (``run-`` and 12 hex digits) always fits the 1,024-byte minimum.
+    """
+    if run_id is None:
+        return
+    minimum = max(1024, 256 + len(run_id.encode()) + 96 + 1)
+    if max_message_bytes < minimum:
+        raise UsageError(
+            f"--max-message-bytes {max_message_bytes:,} is too small for --run-id of "
+            f"{len(run_id.encode()):,} bytes: a message that carries one job needs at "
+            f"least {minimum:,} bytes"
+        )
+
+
 def cmd_run(args: argparse.Namespace, bars: Bars) -> int:
     from dispatchkit.runner import RunSpec, run_embedded
     from dispatchkit.worker import RetryPolicy
 
+    check_message_bytes(args.run_id, args.max_message_bytes)
     source = args.input
     if source is None:
         path = default_data_path()
@@ -377,30 +406,124 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` cleans up the same way."""
+
+
+def _on_signal(signals: list[int]) -> Callable[[int, FrameType | None], None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        signals.append(signum)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    return handler
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _configure_logging(args.verbose, args.quiet)
-    bars = Bars(enabled=False if args.quiet else None)
+    """The command line; every expected failure ends in one line and its exit code.
+
+    Exit codes (:mod:`dispatchkit.errors`): 0 ok, 1 failed or incomplete, 2 usage or
+    input error (also: --out in use), 3 broker error, 130 interrupted (SIGINT), 141
+    stdout closed early (``| head``), 143 terminated (SIGTERM).
+    """
+    from dispatchkit import outdir, procs
+
+    procs.adopt_parent_from_env()  # a worker a ``run`` started dies with it
+    argv = list(sys.argv[1:] if argv is None else argv)
+    outdir.command_line = " ".join(argv)[:300]
+    signals: list[int] = []
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        handler = _on_signal(signals)
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    bars: Bars | None = None
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        _configure_logging(args.verbose, args.quiet)
+        bars = Bars(enabled=False if args.quiet else None)
         with bars:
             code: int = args.fn(args, bars)
+        sys.stdout.flush()  # a closed pipe fails here, not at exit
+        return _interrupted(bars, signals) if signals else code
+    except SystemExit as exc:  # argparse: --help, --version, usage errors
+        if signals:
+            return _interrupted(bars, signals)
+        sys.stdout.flush()
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    except BrokenPipeError:
+        # stdout closed early (``| head``): say nothing more; see the Python docs on SIGPIPE.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return RET_BROKEN_PIPE
+    except BaseException as exc:
+        if signals or isinstance(exc, KeyboardInterrupt) or _is_duckdb_interrupt(exc):
+            return _interrupted(bars, signals)
+        line, code = _one_line(exc)
+        if line is None:
+            raise  # a bug: keep the traceback
+        _close(bars)
+        print(f"dispatchkit: error: {line}", file=sys.stderr)
         return code
-    except DispatchkitError as exc:
-        bars.__exit__(None, None, None)
-        print(f"dispatchkit: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KafkaException as exc:
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _close(bars: Bars | None) -> None:
+    if bars is not None:
+        with contextlib.suppress(Exception):
+            bars.__exit__(None, None, None)
+
+
+def _interrupted(bars: Bars | None, signals: list[int]) -> int:
+    from dispatchkit import procs
+
+    _close(bars)
+    # A worker a ``run`` started is stopped by it: the parent's line is the one to read.
+    quiet = procs.supervised()
+    if signals and signals[0] == signal.SIGTERM:
+        if not quiet:
+            print("dispatchkit: terminated", file=sys.stderr)
+        return RET_TERMINATED
+    if not quiet:
+        print("dispatchkit: interrupted", file=sys.stderr)
+    return RET_INTERRUPTED
+
+
+def _is_duckdb_interrupt(exc: BaseException) -> bool:
+    import duckdb
+
+    return isinstance(exc, duckdb.InterruptException) or (
+        isinstance(exc, RuntimeError) and str(exc).startswith("Query interrupted")
+    )
+
+
+_DUCKDB_WRITE = re.compile(r'(?:Could not write|Cannot open|Could not open) file "([^"]+)": (.+)')
+
+
+def _one_line(exc: BaseException) -> tuple[str | None, int]:
+    """The line and exit code of an *expected* failure; ``(None, 0)`` for a bug."""
+    import duckdb
+
+    if isinstance(exc, DispatchkitError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, KafkaException):
         # Wrapped almost everywhere; this is the last line of defence. librdkafka's
         # error strings never carry credentials.
-        bars.__exit__(None, None, None)
         err = exc.args[0] if exc.args else exc
         text = err.str() if hasattr(err, "str") else str(err)
-        print(f"dispatchkit: error: Kafka: {text}", file=sys.stderr)
-        return RET_BROKER
-    except KeyboardInterrupt:
-        print("dispatchkit: interrupted", file=sys.stderr)
-        return RET_INTERRUPTED
+        return f"Kafka: {text}", RET_BROKER
+    if isinstance(exc, duckdb.Error):
+        text = " ".join(str(exc).split())
+        found = _DUCKDB_WRITE.search(text)
+        if found:
+            return f"cannot write {found.group(1)}: {found.group(2).rstrip('.')}", RET_FAILED
+        return f"DuckDB: {text[:300]}", RET_FAILED
+    if isinstance(exc, OSError):
+        what = exc.strerror or str(exc)
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{what}", RET_FAILED
+    return None, 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,6 +26,7 @@ from dispatchkit.config import KafkaSettings
 from dispatchkit.dispatcher import iso_hour
 from dispatchkit.errors import BrokerError, FatalBrokerError, RunError
 from dispatchkit.message import JobBatch, Manifest, ResultBatch, decode
+from dispatchkit.outdir import holds_out_dir
 from dispatchkit.progress import Bars
 from dispatchkit.runner import STORE_NAME, RunSummary, finish
 from dispatchkit.store import ResultStore
@@ -47,6 +48,7 @@ def collector_group(settings: KafkaSettings, run_id: str) -> str:
 WAIT_FOR_DISPATCH = 60.0
 
 
+@holds_out_dir("collect")  # one collector per --out: the store is single-writer
 def collect(
     settings: KafkaSettings,
     run_id: str,

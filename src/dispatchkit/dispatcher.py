@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dispatchkit.errors import RunError
+from dispatchkit.errors import RunError, UsageError
 from dispatchkit.message import SCHEMA_VERSION, Job, JobBatch
 from dispatchkit.reader import HOUR_BIAS, InputReader
 
@@ -104,6 +104,8 @@ class Dispatcher:
         self.max_jobs_per_batch = max_jobs_per_batch
         # Outcome bytes one job part may carry, so that a one-job batch fits a message.
         self.max_part_bytes = max_message_bytes - 256 - len(run_id) - _JOB_OVERHEAD
+        if self.max_part_bytes < 1:
+            raise UsageError(f"max_message_bytes {max_message_bytes} cannot carry one job")
         self.stats = DispatchStats()
 
     def batches(

@@ -4,17 +4,23 @@
 
     DispatchkitError                  base; ``exit_code`` tells the CLI what to return
     ├── UsageError                    a bad flag value or combination            (2)
+    │   └── OutDirBusyError           --out is held by another dispatchkit process (2)
     ├── InputError                    missing/empty/corrupt input, wrong schema  (2)
     │   └── BadRowError               --strict: the first invalid row            (2)
     ├── RunError                      a run id reused with another input, …      (1)
+    │   └── StoreError                the store file is corrupt or unreadable     (1)
+    ├── OutputError                   a file under --out cannot be written (disk
+    │                                 full, quota, I/O error, read-only)          (1)
     ├── DecodeError                   bytes that are not a valid message         (1)
     ├── TaskError                     a task raised while computing a job         (1)
     └── BrokerError                   the transport failed                       (3)
         ├── DeliveryError             a message was not delivered
         └── FatalBrokerError          the client cannot go on (fenced, fatal)
 
-The CLI prints ``str(error)`` as one line on stderr and exits with ``exit_code``;
-anything else escaping is a bug and keeps its traceback.
+The CLI prints ``str(error)`` as one line on stderr and exits with ``exit_code``. It
+also turns the *expected* failures of libraries into one line: ``duckdb.Error`` and
+``OSError`` (1), ``KeyboardInterrupt``/SIGINT (130), SIGTERM (143) and a closed stdout
+(``| head``: 141, quietly). Anything else escaping is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ RET_OK = 0
 RET_FAILED = 1
 RET_USAGE = 2
 RET_BROKER = 3
-RET_INTERRUPTED = 130
+RET_INTERRUPTED = 130  # 128 + SIGINT
+RET_BROKEN_PIPE = 141  # 128 + SIGPIPE: stdout was closed (``| head``)
+RET_TERMINATED = 143  # 128 + SIGTERM
 
 
 class DispatchkitError(Exception):
@@ -49,8 +57,20 @@ class BadRowError(InputError):
     """A row failed validation and the run is ``--strict``."""
 
 
+class OutDirBusyError(UsageError):
+    """Another dispatchkit process writes to this output directory."""
+
+
 class RunError(DispatchkitError):
     """A run cannot start or finish as asked (e.g. a run id reused for another input)."""
+
+
+class StoreError(RunError):
+    """The results store cannot be opened: not a DuckDB file, truncated, a directory."""
+
+
+class OutputError(DispatchkitError):
+    """A file under the output directory cannot be written (disk full, I/O error, …)."""
 
 
 class DecodeError(DispatchkitError):

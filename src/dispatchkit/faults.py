@@ -8,6 +8,7 @@ use, where every hook is a cheap no-op. Recognized entries:
 ``fail:<country>``         every job of that country raises (a task that always fails).
 ``fail-once:<country>``    its jobs fail on the first attempt only.
 ``slow:<seconds>``         each batch takes that much longer (a long job).
+``enospc:<file name>``     writing that output file fails with ENOSPC (disk full).
 
 Points: ``worker.after_produce`` (results produced, transaction not committed),
 ``collector.after_store`` (results and read positions stored, after a flush),
@@ -63,3 +64,14 @@ def slow_seconds() -> float:
 def maybe_sleep() -> None:
     if _spec and (s := slow_seconds()):
         time.sleep(s)
+
+
+def write_error(name: str) -> None:
+    """Raise a real ``OSError(ENOSPC)`` if the tests asked writing file ``name`` to fail.
+
+    ``enospc:<file name>`` (e.g. ``enospc:results.csv``) in ``DISPATCHKIT_TEST_FAULTS``.
+    """
+    if _spec and f"enospc:{name}" in _spec:
+        import errno
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)

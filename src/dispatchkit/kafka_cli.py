@@ -137,10 +137,12 @@ def _non_negative_float(text: str) -> float:
 
 
 def cmd_dispatch(args: argparse.Namespace, bars: Bars) -> int:
+    from dispatchkit.cli import check_message_bytes
     from dispatchkit.kafka_run import dispatch
     from dispatchkit.runner import RunSpec
     from dispatchkit.schema import DEFAULT_END, DEFAULT_START
 
+    check_message_bytes(args.run_id, args.max_message_bytes)
     settings = kafka_settings_from_args(args)
     spec = RunSpec(
         input=args.input,

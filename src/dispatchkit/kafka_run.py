@@ -25,7 +25,7 @@ from types import FrameType
 
 import msgspec
 
-from dispatchkit import faults
+from dispatchkit import faults, outdir, procs
 from dispatchkit.brokers.kafka import KafkaBroker
 from dispatchkit.brokers.kafka_worker import KafkaJobSource, default_worker_id
 from dispatchkit.claim import HEARTBEAT_SECONDS, Holding, describe, holder_of, is_alive, new_owner
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 # -- dispatch ---------------------------------------------------------------------------
 
 
+@outdir.holds_out_dir("dispatch")  # it writes the quarantine files and .spill there
 def dispatch(
     spec: RunSpec,
     settings: KafkaSettings,
@@ -288,7 +289,7 @@ def work(settings: KafkaSettings, options: WorkerOptions) -> WorkerStats:
     idle_since = [time.monotonic()]
 
     def should_stop() -> bool:
-        return bool(stopping)
+        return bool(stopping) or procs.orphaned()  # a run that started us is gone
 
     def on_batch(_: int) -> None:
         idle_since[0] = time.monotonic()
@@ -342,9 +343,20 @@ def worker_env(settings: KafkaSettings) -> dict[str, str]:
 
 
 def spawn_worker(
-    settings: KafkaSettings, worker_id: str, *extra: str, env: dict[str, str] | None = None
+    settings: KafkaSettings,
+    worker_id: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    supervised: bool = True,
 ) -> subprocess.Popen[bytes]:
-    """Start ``dispatchkit worker`` as a separate OS process."""
+    """Start ``dispatchkit worker`` as a separate OS process.
+
+    ``supervised`` (a child this process stops, as ``run`` does): the worker gets a
+    process group of its own, so a Ctrl-C at the terminal reaches only this process,
+    which stops it with SIGTERM; and it dies with this process (PR_SET_PDEATHSIG plus
+    a parent-pid check), even on kill -9.
+    """
+    base = env or worker_env(settings)
     return subprocess.Popen(
         [
             sys.executable,
@@ -360,10 +372,20 @@ def spawn_worker(
             worker_id,
             *extra,
         ],
-        env=env or worker_env(settings),
+        env=procs.child_env(base) if supervised else base,
+        process_group=0 if supervised else None,
     )
 
 
+def _dispatch_child(spec: RunSpec, settings: KafkaSettings, parent: int) -> RunSummary:
+    """``dispatch`` in ``run_kafka``'s dispatcher process, under the parent's lock on --out."""
+    procs.die_with_parent(parent)
+    procs.child_signals()  # Ctrl-C is the parent's: it stops this process with SIGTERM
+    outdir.inherit(spec.out, "dispatch", parent)
+    return dispatch(spec, settings)
+
+
+@outdir.holds_out_dir("run")  # both locks, in the parent; the dispatcher child inherits one
 def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) -> RunSummary:
     """Dispatcher, ``spec.workers`` worker processes and the collector, on one machine."""
     bars = bars or Bars(enabled=False)
@@ -373,24 +395,25 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) 
     ensure_topics(settings)
     extra = ("--attempts", str(spec.retry.attempts))
     slots = [f"{os.getpid()}-{i}" for i in range(spec.workers)]
-    procs = [spawn_worker(settings, slot, *extra) for slot in slots]
+    children = [spawn_worker(settings, slot, *extra) for slot in slots]
     restarts = [0]
 
     def supervise() -> None:
         # Like any supervisor: a worker that exits is restarted in its slot.
-        for i, p in enumerate(procs):
+        for i, p in enumerate(children):
             if p.poll() is not None:
                 restarts[0] += 1
                 if restarts[0] > 10 * spec.workers:
                     raise RunError(f"workers keep exiting (last exit code {p.returncode})")
                 log.warning("worker %s exited with %s; restarting it", slots[i], p.returncode)
-                procs[i] = spawn_worker(settings, slots[i], *extra)
+                children[i] = spawn_worker(settings, slots[i], *extra)
 
     # The dispatcher runs in its own process so the collector stores results meanwhile.
     pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
     try:
         run_id = prepare_run_id(spec)
-        dispatching = pool.submit(dispatch, spec, settings)
+        with procs.signals_deferred():  # the child starts with Ctrl-C left to us
+            dispatching = pool.submit(_dispatch_child, spec, settings, os.getpid())
 
         def tick() -> None:
             supervise()
@@ -410,12 +433,18 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) 
         )
         sent = dispatching.result()
         summary.worker_restarts = restarts[0]
+    except BaseException:
+        # Interrupted or failed: stop the dispatcher now rather than wait for it.
+        for child in list(getattr(pool, "_processes", {}).values()):
+            if child.is_alive():
+                child.terminate()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        for p in procs:
+        for p in children:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in procs:
+        for p in children:
             try:
                 p.wait(30)
             except subprocess.TimeoutExpired:

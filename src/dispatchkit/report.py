@@ -19,8 +19,6 @@ written to a temporary name and renamed, so a reader never sees half a PNG.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
@@ -395,15 +393,15 @@ def _read_results(path: Path) -> pl.DataFrame:
 
 
 def save_png(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as PNG to ``path`` atomically: a temp file beside it, then a rename."""
+    """Write ``fig`` as PNG to ``path`` atomically: a temp file beside it, then a rename.
+
+    The file gets the mode every output file gets (``0666 & ~umask``); a failed write
+    removes the temp file and raises :class:`~dispatchkit.errors.OutputError`.
+    """
+    from dispatchkit.outdir import atomic_path
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=_DPI, facecolor="white")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        fig.savefig(fh, format="png", dpi=_DPI, facecolor="white")
     return path

@@ -22,6 +22,7 @@ from dispatchkit.dispatcher import DEFAULT_MAX_MESSAGE_BYTES, Dispatcher, iso_ho
 from dispatchkit.errors import InputError, RunError
 from dispatchkit.identity import run_identity
 from dispatchkit.message import JobBatch, decode
+from dispatchkit.outdir import holds_out_dir
 from dispatchkit.progress import Bars
 from dispatchkit.reader import InputReader, RowCounts, fingerprint, resolve_inputs
 from dispatchkit.schema import DEFAULT_END, DEFAULT_START
@@ -174,6 +175,7 @@ def finish(
     summary.seconds["export"] = time.perf_counter() - t0
 
 
+@holds_out_dir("run")  # one writer per --out, before anything is written there
 def run_embedded(spec: RunSpec, bars: Bars | None = None) -> RunSummary:
     """Run the whole job on this machine with ``spec.workers`` worker processes."""
     bars = bars or Bars(enabled=False)

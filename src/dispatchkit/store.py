@@ -31,7 +31,7 @@ import duckdb
 import polars as pl
 
 from dispatchkit import identity as ids
-from dispatchkit.errors import RunError
+from dispatchkit.errors import StoreError
 from dispatchkit.message import JobResult
 from dispatchkit.task import Task
 
@@ -159,9 +159,13 @@ class ResultStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
             self.con = duckdb.connect(self.path)
-        except duckdb.IOException as exc:
-            raise RunError(f"{self.path}: cannot open the results store ({exc})") from None
-        self.con.execute(_SCHEMA)
+        except duckdb.Error as exc:
+            raise StoreError(_open_error(self.path, exc)) from None
+        try:
+            self.con.execute(_SCHEMA)
+        except duckdb.Error as exc:
+            self.con.close()
+            raise StoreError(_open_error(self.path, exc)) from None
         self._buffer: list[tuple[str, str, JobResult]] = []
         self.duplicates = 0
 
@@ -382,12 +386,37 @@ class ResultStore:
 
 
 def write_results(results: pl.DataFrame, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``results.parquet`` and ``results.csv`` (ISO 8601 UTC hours) atomically."""
+    """Write ``results.parquet`` and ``results.csv`` (ISO 8601 UTC hours) atomically.
+
+    Each is written to a temp file beside it and renamed; a failed write (disk full, …)
+    removes its temp file and raises :class:`~dispatchkit.errors.OutputError`.
+    """
+    from dispatchkit.outdir import atomic_path
+
     out_dir.mkdir(parents=True, exist_ok=True)
     pq_path, csv_path = out_dir / "results.parquet", out_dir / "results.csv"
-    tmp_pq, tmp_csv = pq_path.with_suffix(".parquet.tmp"), csv_path.with_suffix(".csv.tmp")
-    results.write_parquet(tmp_pq)
-    results.with_columns(pl.col("date_hour").dt.strftime("%Y-%m-%dT%H:%M:%SZ")).write_csv(tmp_csv)
-    tmp_pq.replace(pq_path)
-    tmp_csv.replace(csv_path)
+    with atomic_path(pq_path) as tmp:
+        results.write_parquet(tmp)
+    with atomic_path(csv_path) as tmp:
+        results.with_columns(pl.col("date_hour").dt.strftime("%Y-%m-%dT%H:%M:%SZ")).write_csv(tmp)
     return pq_path, csv_path
+
+
+def _open_error(path: str, exc: duckdb.Error) -> str:
+    """One line: the store file, what is wrong with it, what to do."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    p = Path(path)
+    if p.is_dir():
+        what = "is a directory, not a results store"
+    elif "not a valid DuckDB database" in text:
+        what = "is not a DuckDB database (overwritten or not a store)"
+    elif "Could not read enough bytes" in text or "truncated" in text.lower():
+        what = "is truncated or corrupt"
+    elif "Conflicting lock" in text or "Could not set lock" in text:
+        return (
+            f"{path}: cannot open the results store: another process has it open "
+            f"({text}); one writer per output directory"
+        )
+    else:
+        what = f"cannot be opened as a results store ({text})"
+    return f"{path} {what}: move it away or use another --out"

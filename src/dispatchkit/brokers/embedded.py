@@ -9,6 +9,10 @@ If a worker process dies, the parent starts a new one in its slot and sends it t
 worker's unfinished batches again; a batch that was in fact finished is stored twice
 under the same job ids, which the store ignores. Nothing is lost, nothing is counted
 twice.
+
+Worker processes leave Ctrl-C to the parent (they start with SIGINT deferred and then
+ignore it), stop when the parent closes their pipe or dies (``PR_SET_PDEATHSIG`` on
+Linux, a parent-pid check otherwise), and exit quietly then: see :mod:`dispatchkit.procs`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
-import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,6 +30,7 @@ from typing import Any
 
 import msgspec
 
+from dispatchkit import procs
 from dispatchkit.brokers.base import Broker, Delivery, JobSource, Rejection
 from dispatchkit.errors import BrokerError
 from dispatchkit.message import JobBatch, Manifest, ResultBatch, decode, encode
@@ -93,11 +97,12 @@ class EmbeddedBroker(Broker):
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(child, f"embedded-{index}", self.retry),
+            args=(child, f"embedded-{index}", self.retry, os.getpid()),
             name=f"dispatchkit-worker-{index}",
             daemon=True,
         )
-        proc.start()
+        with procs.signals_deferred():  # a Ctrl-C now is the parent's, not the child's
+            proc.start()
         child.close()
         return _Slot(index=index, process=proc, conn=parent)
 
@@ -230,9 +235,12 @@ class _PipeSource(JobSource):
         self.closed = False
 
     def consume(self, timeout: float) -> Delivery | None:
-        if self.closed or not self.conn.poll(timeout):
-            return None
-        data = self.conn.recv_bytes()
+        try:
+            if self.closed or not self.conn.poll(timeout):
+                return None
+            data = self.conn.recv_bytes()
+        except (EOFError, OSError):  # the parent is gone: stop quietly
+            data = b""
         if not data:
             self.closed = True
             return None
@@ -249,7 +257,10 @@ class _PipeSource(JobSource):
         else:
             payload, r = failed
             reply = _Reply(result, payload, r.error_class, r.error, r.attempts, r.first_failure)
-        self.conn.send_bytes(msgspec.msgpack.encode(reply))
+        try:
+            self.conn.send_bytes(msgspec.msgpack.encode(reply))
+        except OSError:  # the parent is gone: stop quietly
+            self.closed = True
 
     def reject(self, delivery: Delivery, rejection: Rejection) -> None:
         self.ack(delivery, None, (delivery.payload, rejection))
@@ -261,8 +272,9 @@ class _PipeSource(JobSource):
         self.conn.close()
 
 
-def _worker_main(conn: Connection, worker_id: str, retry: RetryPolicy) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+def _worker_main(conn: Connection, worker_id: str, retry: RetryPolicy, parent: int) -> None:
+    procs.die_with_parent(parent)
+    procs.child_signals()  # Ctrl-C is the parent's; SIGTERM (the parent died) ends us
     source = _PipeSource(conn)
     worker = Worker(f"{worker_id}:{os.getpid()}", retry)
-    run(source, worker, should_stop=lambda: source.closed, burst=True)
+    run(source, worker, should_stop=lambda: source.closed or procs.orphaned(), burst=True)
