@@ -22,6 +22,7 @@ written by :meth:`ResultStore.flush`; callers commit their input only after a fl
 from __future__ import annotations
 
 import time
+import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,7 +275,8 @@ class ResultStore:
                 self._write_positions(positions)
             self.con.execute("COMMIT")
         except BaseException:
-            self.con.execute("ROLLBACK")
+            with contextlib.suppress(duckdb.Error):  # a failed COMMIT has rolled back already
+                self.con.execute("ROLLBACK")
             raise
         self.duplicates += len(self._buffer) - new
         self._buffer = []
