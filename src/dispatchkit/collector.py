@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +25,7 @@ from dispatchkit.brokers.kafka import H_RUN, KafkaBroker, headers_of, scan
 from dispatchkit.config import KafkaSettings
 from dispatchkit.dispatcher import iso_hour
 from dispatchkit.errors import BrokerError, FatalBrokerError, RunError
+from dispatchkit.identity import check_identity
 from dispatchkit.message import JobBatch, Manifest, ResultBatch, decode
 from dispatchkit.outdir import holds_out_dir
 from dispatchkit.progress import Bars
@@ -61,13 +62,15 @@ def collect(
     on_tick: Callable[[], None] | None = None,
     dead_grace: float = 5.0,
     wait_for_dispatch: float | None = WAIT_FOR_DISPATCH,
+    identity: Mapping[str, str] | None = None,
 ) -> RunSummary:
     """Store a run's results until its manifest's jobs are all done, then export them.
 
     Ends early, as ``incomplete``, when every missing job is dead-lettered and no result
     has arrived for ``dead_grace`` seconds; ``timeout`` ends it after that many seconds
     without progress. With no manifest of the run after ``wait_for_dispatch`` seconds
-    (``None`` or 0: wait for ever) it raises :class:`RunError`.
+    (``None`` or 0: wait for ever) it raises :class:`RunError`. Given an ``identity``
+    (the run this process means to make), a run dispatched with another one is refused.
     """
     bars = bars or Bars(enabled=False)
     t0 = time.perf_counter()
@@ -102,6 +105,10 @@ def collect(
                         log.warning("collector: %s", exc)
                     last_manifest_check = now
                     if manifest is not None:
+                        if identity is not None:
+                            check_identity(
+                                run_id, manifest.run_identity(), identity, where="dispatched"
+                            )
                         store.start_run(run_id, manifest.run_identity(), "kafka")
                         bars.update("collect", total=manifest.total_jobs)
                     else:

@@ -5,12 +5,18 @@ use, where every hook is a cheap no-op. Recognized entries:
 
 ``crash:<point>``          ``os._exit(137)`` (as a kill -9 would) the first time the
                            point is reached; ``crash:<point>@<n>`` on its n-th time.
+``crash-once:<point>@<n>`` the same, but only in the first process of a run to get there:
+                           a marker file in ``$DISPATCHKIT_TEST_FAULT_DIR`` remembers it, so
+                           a restarted worker does not crash again.
 ``fail:<country>``         every job of that country raises (a task that always fails).
 ``fail-once:<country>``    its jobs fail on the first attempt only.
 ``slow:<seconds>``         each batch takes that much longer (a long job).
 ``enospc:<file name>``     writing that output file fails with ENOSPC (disk full).
+``flush-at:<n>``           the embedded run flushes its store every n job parts.
 
-Points: ``worker.after_produce`` (results produced, transaction not committed),
+Points: ``worker.after_compute`` (a batch computed, its results not yet sent),
+``worker.after_produce`` (results produced, transaction not committed),
+``run.after_flush`` (the embedded run stored results, before it acknowledges them),
 ``collector.after_store`` (results and read positions stored, after a flush),
 ``dispatch.mid_publish`` (after some batches are published).
 """
@@ -35,11 +41,27 @@ def crash_point(point: str) -> None:
         return
     _counts[point] = _counts.get(point, 0) + 1
     for entry in _spec:
-        if not entry.startswith("crash:"):
+        kind, _, rest = entry.partition(":")
+        if kind not in ("crash", "crash-once"):
             continue
-        name, _, nth = entry[6:].partition("@")
-        if name == point and _counts[point] == int(nth or 1):
-            os._exit(137)
+        name, _, nth = rest.partition("@")
+        if name != point or _counts[point] != int(nth or 1):
+            continue
+        if kind == "crash-once":
+            marker = os.path.join(os.environ["DISPATCHKIT_TEST_FAULT_DIR"], f"crashed-{point}")
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+        os._exit(137)
+
+
+def flush_at(default: int) -> int:
+    """The store's flush threshold: ``default``, unless the tests set ``flush-at:<n>``."""
+    for entry in _spec:
+        if entry.startswith("flush-at:"):
+            return int(entry[9:])
+    return default
 
 
 def maybe_fail_job(country: str, date_hour: int) -> None:

@@ -36,7 +36,8 @@ from dispatchkit.errors import RunError
 from dispatchkit.identity import check_identity
 from dispatchkit.message import SCHEMA_VERSION, Manifest
 from dispatchkit.progress import Bars
-from dispatchkit.runner import RunSpec, RunSummary, prepare, prepare_run_id
+from dispatchkit.reader import fingerprint, resolve_inputs
+from dispatchkit.runner import RunSpec, RunSummary, prepare, prepare_run_id, spec_identity
 from dispatchkit.worker import RetryPolicy, Worker, WorkerStats, run
 
 __all__ = [
@@ -412,6 +413,7 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) 
     pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
     try:
         run_id = prepare_run_id(spec)
+        identity = spec_identity(spec, fingerprint(resolve_inputs(spec.input)))
         with procs.signals_deferred():  # the child starts with Ctrl-C left to us
             dispatching = pool.submit(_dispatch_child, spec, settings, os.getpid())
 
@@ -430,6 +432,7 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) 
             report=spec.report,
             on_tick=tick,
             wait_for_dispatch=None,
+            identity=identity,
         )
         sent = dispatching.result()
         summary.worker_restarts = restarts[0]

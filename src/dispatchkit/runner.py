@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dispatchkit import faults
 from dispatchkit.brokers.base import Broker
 from dispatchkit.dispatcher import DEFAULT_MAX_MESSAGE_BYTES, Dispatcher, iso_hour
 from dispatchkit.errors import InputError, RunError
@@ -152,8 +153,9 @@ def pump_results(broker: Broker, store: ResultStore, timeout: float, flush_at: i
     for rb in broker.results(timeout):
         store.add(rb.run_id, rb.worker, rb.results)
         got += len(rb.results)
-    if store.buffered >= flush_at:
+    if store.buffered >= faults.flush_at(flush_at):
         store.flush()
+        faults.crash_point("run.after_flush")
         broker.commit_results()
     return got
 

@@ -111,6 +111,7 @@ class Worker:
                         self.sleep(compute_backoff(attempt, self.retry))
             else:
                 failed.append(job)
+        faults.crash_point("worker.after_compute")
         result = encode(
             ResultBatch(
                 v=SCHEMA_VERSION,
