@@ -66,7 +66,7 @@ Int64Array = npt.NDArray[np.int64]
 # --------------------------------------------------------------------------- envelope
 
 
-class JobEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class JobEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """One job (or one part of a split job): rows ``[start, end)`` of the body."""
 
     job_id: str
@@ -75,10 +75,10 @@ class JobEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     start: int
     end: int
     #: The job's key values in ``key_names`` order; timestamps as integer epoch microseconds.
-    key: list[KeyValue]
+    key: tuple[KeyValue, ...]
 
 
-class ResultEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class ResultEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """One job part that succeeded; ``state`` when its body row is a combine state."""
 
     job_id: str
@@ -87,7 +87,7 @@ class ResultEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     state: bool = False
 
 
-class Failure(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Failure(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """One job part set aside after its retries (the v1 DLQ headers, per part)."""
 
     job_id: str
@@ -242,8 +242,8 @@ def keys_table(
     return pa.Table.from_arrays(arrays, names=list(names))
 
 
-def key_lists(keys: pa.Table) -> tuple[list[str], list[str], list[list[KeyValue]]]:
-    """A typed key table (one row per job) as the envelope's names, types and lists."""
+def key_lists(keys: pa.Table) -> tuple[list[str], list[str], list[tuple[KeyValue, ...]]]:
+    """A typed key table (one row per job) as the envelope's names, types and tuples."""
     names, types, columns = [], [], []
     for field in keys.schema:
         type_name = str(field.type)
@@ -257,10 +257,9 @@ def key_lists(keys: pa.Table) -> tuple[list[str], list[str], list[list[KeyValue]
         names.append(field.name)
         types.append(type_name)
         columns.append(column.to_pylist())
-    rows = [list(r) for r in zip(*columns, strict=True)] if columns else []
     if not columns:
-        rows = [[] for _ in range(keys.num_rows)]
-    return names, types, rows
+        return names, types, [() for _ in range(keys.num_rows)]
+    return names, types, list(zip(*columns, strict=True))
 
 
 def encode_jobs(
@@ -275,9 +274,11 @@ def encode_jobs(
     jobs: Sequence[JobEntry],
     table: pa.Table | pa.RecordBatch,
     compression: Compression = "lz4",
+    check: bool = True,
 ) -> bytes:
     """Encode a job message; ``jobs`` are contiguous row ranges covering ``table``."""
-    _check_ranges(jobs, table.num_rows, len(key_names))
+    if check:
+        _check_ranges(jobs, table.num_rows, len(key_names))
     for name in key_types:
         if name not in KEY_TYPES:
             raise UsageError(f"unknown key type {name!r}; keys may be {', '.join(KEY_TYPES)}")
@@ -575,7 +576,7 @@ def entry_bytes(job_id_bytes: int, key: Sequence[KeyValue]) -> int:
         parts=2**62,
         start=2**62,
         end=2**62,
-        key=[2**62 if isinstance(k, int) and not isinstance(k, bool) else k for k in key],
+        key=tuple(2**62 if isinstance(k, int) and not isinstance(k, bool) else k for k in key),
     )
     return len(_encoder.encode(sample))
 
@@ -757,14 +758,13 @@ def cut_jobs(
     # lz4 and zstd may add a little to incompressible buffers.
     slack = 1.0 if compression == "none" else 1.01
     rc = row_bytes(table) * (expected_ratio * slack)
-    id_len = np.fromiter((len(s.encode()) for s in job_ids), dtype=np.int64, count=len(job_ids))
-    ec = _entry_costs(id_len, key_values)
+    ec = _entry_costs(job_ids, keys)
     for _attempt in range(8):
         messages = []
         for cut in plan_cuts(off, rc, ec, capacity=capacity, groups=groups, max_jobs=max_jobs):
             first = int(cut.job[0])
             entries = [
-                JobEntry(job_ids[j], part, parts, start, end, list(key_values[j]))
+                JobEntry(job_ids[j], part, parts, start, end, key_values[j])
                 for j, part, parts, start, end in zip(
                     cut.job.tolist(),
                     cut.part.tolist(),
@@ -785,6 +785,7 @@ def cut_jobs(
                 jobs=entries,
                 table=table.slice(cut.row_start, cut.row_end - cut.row_start),
                 compression=compression,
+                check=False,
             )
             if len(payload) > max_message_bytes:
                 # The estimate was short (expected_ratio, nested types): plan all again.
@@ -796,13 +797,18 @@ def cut_jobs(
     raise UsageError(f"max_message_bytes {max_message_bytes} is too small for these jobs")
 
 
-def _entry_costs(id_len: Int64Array, key_values: Sequence[Sequence[KeyValue]]) -> Int64Array:
-    cost: Int64Array = entry_bytes(0, []) + id_len + 5  # a str header is at most 5 bytes
-    if key_values and key_values[0]:
-        for column in zip(*key_values, strict=True):
-            cost = cost + np.fromiter(
-                (len(v.encode()) + 5 if isinstance(v, str) else 9 for v in column),
-                dtype=np.int64,
-                count=len(column),
-            )
+def _entry_costs(job_ids: Sequence[str], keys: pa.Table) -> Int64Array:
+    """An upper bound of each job entry's envelope bytes, vectorized over jobs."""
+    ids = pa.array(job_ids, pa.string())
+    cost = entry_bytes(0, ()) + 5 + _lengths(ids)  # a str header is at most 5 bytes
+    for column in keys.columns:
+        if pa.types.is_string(column.type):
+            cost += 5 + _lengths(column)
+        else:
+            cost += 9  # an int of up to 64 bits (or a bool, or nil)
     return cost
+
+
+def _lengths(column: pa.Array | pa.ChunkedArray) -> Int64Array:
+    lengths = pc.fill_null(pc.binary_length(column), 0).cast(pa.int64())
+    return np.asarray(lengths.to_numpy(zero_copy_only=False), dtype=np.int64)
