@@ -226,6 +226,21 @@ def test_plan_cuts_is_pure_numpy_over_offsets() -> None:
         wire.plan_cuts(np.array([0, 2, 2]), np.ones(2), 1.0, capacity=8.0)
 
 
+def test_an_optimistic_ratio_is_corrected_by_encoding() -> None:
+    """Planned for 20x compression, random floats do not compress: planned again, within budget."""
+    rng = np.random.default_rng(3)
+    data = covid_batch(jobs=100, rows=30)
+    data["table"] = pa.table({"x": rng.random(data["table"].num_rows)})
+    messages = cut(data, max_message_bytes=5_000, expected_ratio=0.05)
+    assert all(len(m) <= 5_000 for m in messages)
+    decoded = [wire.decode_jobs(m) for m in messages]
+    assert sum(m.table.num_rows for m in decoded) == data["table"].num_rows
+    # The vectorized form: the whole batch and its offsets, as numpy.
+    first = decoded[0]
+    assert first.offsets.dtype == np.int64 and first.offsets.size == len(first) + 1
+    assert np.array_equal(np.diff(first.offsets), np.diff(data["offsets"])[: len(first)])
+
+
 def test_a_budget_too_small_for_the_envelope_is_refused() -> None:
     with pytest.raises(UsageError, match="cannot carry one job"):
         cut(covid_batch(), max_message_bytes=200)
