@@ -1,5 +1,11 @@
 """dispatchkit: the Dispatcher pattern for data jobs, on local processes or Apache Kafka.
 
+An app declares its input columns, its key and its tasks (:mod:`dispatchkit.app`)::
+
+    app = dispatchkit.App("sales", version="1")
+    app.columns(store_id=dispatchkit.Int(min=0), ts=dispatchkit.Timestamp())
+    app.key("store_id", dispatchkit.floor("ts", "day", name="day"))
+
 The library API — everything the CLI does is one of these calls::
 
     from dispatchkit import GenerateSpec, RunSpec, generate, run_embedded
@@ -12,6 +18,18 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from dispatchkit.app import (
+        App,
+        AppError,
+        Bool,
+        Combine,
+        Float,
+        Int,
+        Jobs,
+        Text,
+        Timestamp,
+        load_app,
+    )
     from dispatchkit.brokers.base import Broker, Delivery, JobSource, Rejection
     from dispatchkit.brokers.embedded import EmbeddedBroker
     from dispatchkit.config import KafkaSettings, Secret, load_settings
@@ -25,6 +43,7 @@ if TYPE_CHECKING:
         UsageError,
     )
     from dispatchkit.generator import GenerateSpec, generate
+    from dispatchkit.keys import Floor, floor
     from dispatchkit.message import Job, JobBatch, JobResult, Manifest, ResultBatch, decode, encode
     from dispatchkit.reader import InputReader
     from dispatchkit.runner import RunSpec, RunSummary, run_embedded
@@ -36,6 +55,18 @@ if TYPE_CHECKING:
 # a worker process that only needs the worker loop must not pay for DuckDB, Faker and
 # matplotlib (about 1 s of CPU per process start).
 _LAZY: dict[str, str] = {
+    "App": "dispatchkit.app",
+    "AppError": "dispatchkit.app",
+    "Bool": "dispatchkit.app",
+    "Combine": "dispatchkit.app",
+    "Float": "dispatchkit.app",
+    "Floor": "dispatchkit.keys",
+    "Int": "dispatchkit.app",
+    "Jobs": "dispatchkit.app",
+    "Text": "dispatchkit.app",
+    "Timestamp": "dispatchkit.app",
+    "floor": "dispatchkit.keys",
+    "load_app": "dispatchkit.app",
     "Broker": "dispatchkit.brokers.base",
     "BrokerError": "dispatchkit.errors",
     "DecodeError": "dispatchkit.errors",
@@ -91,20 +122,28 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TASKS",
+    "App",
+    "AppError",
+    "Bool",
     "Broker",
     "BrokerError",
+    "Combine",
     "DecodeError",
     "Delivery",
     "Dispatcher",
     "DispatchkitError",
     "EmbeddedBroker",
+    "Float",
+    "Floor",
     "GenerateSpec",
     "InputError",
     "InputReader",
+    "Int",
     "Job",
     "JobBatch",
     "JobResult",
     "JobSource",
+    "Jobs",
     "KafkaSettings",
     "Manifest",
     "Rejection",
@@ -116,13 +155,17 @@ __all__ = [
     "RunSummary",
     "Secret",
     "Task",
+    "Text",
+    "Timestamp",
     "UsageError",
     "Worker",
     "__version__",
     "decode",
     "encode",
+    "floor",
     "generate",
     "job_id",
+    "load_app",
     "load_settings",
     "positive_rate",
     "run_embedded",
