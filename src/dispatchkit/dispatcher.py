@@ -1,70 +1,60 @@
-"""The dispatcher: cut validated input rows into atomic jobs and pack them into batches.
+"""The dispatcher: cut validated input rows into atomic jobs and pack them into messages.
 
 Data flow::
 
-    input files ──reader──▶ valid rows sorted by (country, hour)  ──cut──▶ Job per key
-                   └──────▶ quarantine.parquet/.csv (bad rows)           │
-                                                                        ▼
-                                              JobBatch per (country, UTC day) ──▶ broker
+    input files ──reader──▶ valid rows sorted by (bucket, key)  ──cut──▶ one job per key
+                   └──────▶ quarantine.parquet/.csv (bad rows)                 │
+                                                                              ▼
+                              job messages (wire v2), one transport key per bucket ──▶ broker
 
-A job is keyed by ``(country, date_hour)``: every test of one country in one UTC hour.
-Its id is a hash of the run id and the key, so the same run always gives the same ids
-and a job redone anywhere lands on the same row of the store. A job only carries what
-the task needs: the outcomes, one bit per test.
+A job is every row of one key of the app (e.g. one country in one UTC hour). Its id is a
+hash of the run id, the app, the task and the key, so the same run always gives the same
+ids and a job redone anywhere lands on the same row of the store. A message carries only
+the columns the task reads, as one Arrow record batch, and the jobs as row ranges.
 
-Memory is bounded: the reader streams the rows already sorted (DuckDB sorts out of core
-and spills to disk past its memory limit), and the cutter holds one record batch plus the
-rows of the current key. Keys with more outcomes than fit in one message are cut into
-parts that the store adds back together.
+Messages are sized by bytes (``max_message_bytes``), never by a job count. A job too big
+for one message is cut into parts, each in a message of its own; the split depends only
+on the job's rows and the budget, so a resume cuts the same parts. Only a task with a
+combine step can take parts; for any other the run is refused before anything is sent.
 
-The dispatcher never touches a broker: :meth:`Dispatcher.batches` is an iterator that the
-run (embedded or Kafka) publishes, and jobs already done can be skipped for a resume.
+Memory is bounded: the reader streams the rows already sorted (DuckDB sorts out of core),
+and the cutter holds one record batch plus the rows of the key that goes on in the next.
+The dispatcher never touches a broker: :meth:`Dispatcher.messages` is an iterator that
+the run (embedded or Kafka) publishes, and jobs already done can be skipped for a resume.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from dispatchkit import wire
+from dispatchkit.app import App, Task
 from dispatchkit.errors import RunError, UsageError
-from dispatchkit.message import SCHEMA_VERSION, Job, JobBatch
-from dispatchkit.reader import HOUR_BIAS, InputReader
+from dispatchkit.keys import job_id, key_text
 
-#: Kafka's default message limit is 1 MB; leave room for the envelope and headers.
-DEFAULT_MAX_MESSAGE_BYTES = 900_000
-#: Jobs per batch are also capped so a batch stays a small unit of work.
-DEFAULT_MAX_JOBS_PER_BATCH = 48
-_JOB_OVERHEAD = 96  # msgpack bytes of one job's fields besides its outcomes
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: Kafka's default message limit is 1 MB; leave room for the headers.
+DEFAULT_MAX_MESSAGE_BYTES = wire.DEFAULT_MAX_MESSAGE_BYTES
+#: The reader's column holding each row's transport bucket.
+BUCKET = "bucket"
 
 
-def job_id(run_id: str, country: str, date_hour: int) -> str:
-    """The deterministic id of the job for ``(country, date_hour)`` in a run."""
-    key = f"{run_id}\x1f{country}\x1f{date_hour}".encode()
-    return hashlib.blake2b(key, digest_size=10).hexdigest()
+@dataclass(frozen=True)
+class Outgoing:
+    """One encoded job message and what a broker needs to route and count it."""
 
-
-def batch_key(batch: JobBatch) -> bytes:
-    """The transport key of a batch: its country and UTC day (one job key → one message key)."""
-    first = batch.jobs[0]
-    day = _utc(first.date_hour).date().isoformat()
-    return f"{first.country}|{day}".encode()
-
-
-def iso_hour(date_hour: int) -> str:
-    """``2020-03-01T05:00:00Z`` for an epoch second (before 1970 too)."""
-    return _utc(date_hour).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _utc(epoch_second: int) -> datetime:
-    # Exact integer arithmetic on any platform; fromtimestamp() refuses negative times on some.
-    return _EPOCH + timedelta(seconds=epoch_second)
+    payload: bytes
+    key: bytes  # the transport key: the jobs' bucket (one job key → one message key)
+    batch_id: str
+    job_ids: tuple[str, ...]
+    parts: tuple[tuple[int, int], ...]  # (part, parts) of each entry
+    rows: int
 
 
 @dataclass
@@ -78,209 +68,261 @@ class DispatchStats:
     jobs_skipped: int = 0
     parts: int = 0
     parts_sent: int = 0
-    batches: int = 0
+    messages: int = 0
     split_jobs: int = 0
-    countries: list[str] = field(default_factory=list)
+    bytes_sent: int = 0
+    largest_message: int = 0
+    split: list[str] = field(default_factory=list)  # keys of split jobs (first few)
+
+
+class RowSource(Protocol):
+    """What the dispatcher reads: sorted valid rows (see :meth:`InputReader.sorted_valid`)."""
+
+    def sorted_valid(self, columns: Sequence[str]) -> Iterator[pa.RecordBatch]: ...
 
 
 class Dispatcher:
-    """Cuts the sorted valid rows of an :class:`InputReader` into job batches."""
+    """Cuts the sorted valid rows of a reader into job messages for one task of an app."""
 
     def __init__(
         self,
-        reader: InputReader,
+        reader: RowSource,
         *,
-        run_id: str,
+        app: App,
         task: str,
+        run_id: str,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        max_jobs_per_batch: int = DEFAULT_MAX_JOBS_PER_BATCH,
+        compression: wire.Compression = "lz4",
     ) -> None:
         if max_message_bytes < 1024:
-            raise ValueError("max_message_bytes must be at least 1024")
+            raise UsageError("max_message_bytes must be at least 1024")
         self.reader = reader
+        self.app = app
+        self.task: Task = app.get_task(task)
         self.run_id = run_id
-        self.task = task
         self.max_message_bytes = max_message_bytes
-        self.max_jobs_per_batch = max_jobs_per_batch
-        # Outcome bytes one job part may carry, so that a one-job batch fits a message.
-        self.max_part_bytes = max_message_bytes - 256 - len(run_id) - _JOB_OVERHEAD
-        if self.max_part_bytes < 1:
-            raise UsageError(f"max_message_bytes {max_message_bytes} cannot carry one job")
+        self.compression: wire.Compression = compression
+        self.key_names = list(app.keyspec.names)
+        self.key_types = [str(t) for t in app.keyspec.types]
         self.stats = DispatchStats()
+        self._capacity: float | None = None
 
-    def batches(
-        self,
-        skip: Container[tuple[str, int]] = frozenset(),
-        on_rows: Callable[[int], None] | None = None,
-        skip_parts: Container[tuple[str, int, int]] = frozenset(),
-    ) -> Iterator[JobBatch]:
-        """Yield job batches in (country, hour) order, leaving out keys in ``skip``.
-
-        ``skip`` holds ``(country, date_hour)`` of jobs already complete (a resume);
-        ``skip_parts`` holds ``(country, date_hour, part)`` of parts already published.
-        ``on_rows`` is called with the number of rows cut from each record batch.
-        """
-        pending: list[Job] = []
-        pending_day = (-1, 0)
-        pending_bytes = 0
-
-        def flush() -> Iterator[JobBatch]:
-            nonlocal pending, pending_bytes
-            if pending:
-                first = pending[0]
-                self.stats.batches += 1
-                yield JobBatch(
-                    v=SCHEMA_VERSION,
-                    run_id=self.run_id,
-                    batch_id=f"{first.job_id}.{first.part}",
-                    task=self.task,
-                    jobs=pending,
+    def capacity(self, schema: pa.Schema) -> float:
+        """Bytes of rows and entries one message may carry under the budget."""
+        if self._capacity is None:
+            head = wire.encode_jobs(
+                run_id=self.run_id,
+                batch_id="x" * 64,
+                app=self.app.name,
+                task=self.task.name,
+                fingerprint=self.app.fingerprint,
+                key_names=self.key_names,
+                key_types=self.key_types,
+                jobs=[],
+                table=pa.RecordBatch.from_pylist([], schema=schema),
+                compression=self.compression,
+            )
+            fixed = len(head) + 16 + wire.body_overhead(schema, self.compression)
+            self._capacity = float(self.max_message_bytes - fixed)
+            if self._capacity < 64:
+                raise UsageError(
+                    f"--max-message-bytes {self.max_message_bytes} cannot carry one job of "
+                    f"run {self.run_id!r} (its envelope alone takes {fixed} bytes)"
                 )
-            pending, pending_bytes = [], 0
+        return self._capacity
 
-        rows_per_part = self.max_part_bytes * 8
-        countries = self.reader.countries
-        stats = self.stats
-        for cid, hour, n, packed, outcomes in self._keys(on_rows):
-            country = countries[cid]
-            date_hour = hour * 3600
-            stats.jobs += 1
-            stats.rows_cut += n
-            if (country, date_hour) in skip:
-                stats.jobs_skipped += 1
-                continue
-            stats.jobs_sent += 1
-            stats.rows_sent += n
-            if n <= rows_per_part:
-                stats.parts += 1
-                jobs = [
-                    Job(
-                        job_id(self.run_id, country, date_hour), country, date_hour, 0, 1, n, packed
-                    )
-                ]
-            else:
-                jobs = self._parts(country, date_hour, outcomes)
-            day = (cid, hour // 24)  # floor: hours before 1970 are negative
-            for job in jobs:
-                if skip_parts and (country, date_hour, job.part) in skip_parts:
-                    continue
-                stats.parts_sent += 1
-                size = len(job.outcomes) + _JOB_OVERHEAD
-                if (
-                    day != pending_day
-                    or len(pending) >= self.max_jobs_per_batch
-                    or pending_bytes + size > self.max_part_bytes
-                ):
-                    yield from flush()
-                    pending_day = day
-                pending.append(job)
-                pending_bytes += size
-        yield from flush()
-        self.stats.countries = list(self.reader.countries)
+    def messages(
+        self,
+        skip: Container[str] = frozenset(),
+        on_rows: Callable[[int], None] | None = None,
+        skip_parts: Container[tuple[str, int]] = frozenset(),
+    ) -> Iterator[Outgoing]:
+        """Yield job messages in (bucket, key) order, leaving out job ids in ``skip``.
 
-    def _parts(self, country: str, date_hour: int, outcomes: npt.NDArray[np.bool_]) -> list[Job]:
-        jid = job_id(self.run_id, country, date_hour)
-        rows_per_part = self.max_part_bytes * 8
-        n = int(outcomes.size)
-        parts = max(1, -(-n // rows_per_part))
-        self.stats.parts += parts
-        if parts > 1:
-            self.stats.split_jobs += 1
-        return [
-            Job(
-                job_id=jid,
-                country=country,
-                date_hour=date_hour,
-                part=i,
-                parts=parts,
-                n=int(chunk.size),
-                outcomes=np.packbits(chunk).tobytes(),
-            )
-            for i, chunk in enumerate(
-                outcomes[k : k + rows_per_part] for k in range(0, n, rows_per_part)
-            )
-        ]
-
-    def _keys(
-        self, on_rows: Callable[[int], None] | None
-    ) -> Iterator[tuple[int, int, int, bytes, npt.NDArray[np.bool_]]]:
-        """Yield ``(cid, hour, n, packed outcomes, outcomes)`` once per key, in key order.
-
-        ``hour`` counts hours since the epoch (negative before 1970): the reader's key is
-        ``cid << 32 | hour + HOUR_BIAS``.
-
-        Each record batch is cut at key changes and all its complete keys are bit-packed
-        in one vectorized pass; the last key of a batch may continue in the next, so its
-        rows are carried over and cut with the next batch.
+        ``skip`` holds the ids of jobs already complete (a resume); ``skip_parts`` holds
+        ``(job_id, part)`` of parts already published. ``on_rows`` is called with the
+        number of rows cut from each record batch.
         """
-        carry_key = np.empty(0, np.int64)
-        carry_pos = np.empty(0, np.bool_)
-        last = -1
-        for batch in self.reader.sorted_valid():
+        columns = [BUCKET, *self.key_names, *self.task.reads]
+        carry: pa.Table | None = None
+        for batch in self.reader.sorted_valid(self.task.reads):
             if batch.num_rows == 0:
                 continue
-            key = _values(batch.column(0), np.int64)
-            pos = _values(batch.column(1), np.uint8).view(np.bool_)
-            # Cutting relies on the sort: a key seen again later would become a second job
-            # with the same id, and the store would keep only one of them.
-            if key[0] < last or bool((key[1:] < key[:-1]).any()):
-                raise RunError("internal check failed: input rows did not arrive sorted by key")
-            last = int(key[-1])
-            if carry_key.size:
-                key = np.concatenate((carry_key, key))
-                pos = np.concatenate((carry_pos, pos))
-            cuts = np.flatnonzero(key[1:] != key[:-1]) + 1
-            starts = np.concatenate(([0], cuts))
+            table = pa.Table.from_batches([batch]).select(columns)
+            if carry is not None:
+                table = pa.concat_tables([carry, table])
+            starts = _job_starts(table, [BUCKET, *self.key_names])
             # The last key may go on in the next batch: carry it.
             tail = int(starts[-1])
-            carry_key, carry_pos = key[tail:], pos[tail:]
+            carry = table.slice(tail)
             if starts.size > 1:
-                yield from _pack(key[:tail], pos[:tail], starts[:-1], cuts)
+                yield from self._cut(table.slice(0, tail), starts[:-1], skip, skip_parts)
             if on_rows is not None:
                 on_rows(batch.num_rows)
-        if carry_key.size:
-            yield from _pack(carry_key, carry_pos, np.array([0]), np.array([carry_key.size]))
+        if carry is not None and carry.num_rows:
+            yield from self._cut(carry, np.zeros(1, np.int64), skip, skip_parts)
+
+    def _cut(
+        self,
+        table: pa.Table,
+        starts: npt.NDArray[np.int64],
+        skip: Container[str],
+        skip_parts: Container[tuple[str, int]],
+    ) -> Iterator[Outgoing]:
+        """Messages of the jobs starting at ``starts`` (the last one ends the table)."""
+        stats = self.stats
+        n = table.num_rows
+        offsets = np.append(starts, n).astype(np.int64)
+        lengths = np.diff(offsets)
+        key_rows = table.select(self.key_names).take(pa.array(starts))
+        _, _, keys = wire.key_lists(key_rows)
+        buckets = table.column(BUCKET).take(pa.array(starts)).to_numpy()
+        ids = [job_id(self.run_id, self.app.name, self.task.name, k) for k in keys]
+        stats.jobs += len(ids)
+        stats.rows_cut += n
+        keep = np.fromiter((i not in skip for i in ids), dtype=np.bool_, count=len(ids))
+        stats.jobs_skipped += int((~keep).sum())
+        if not keep.any():
+            return
+        if not keep.all():  # drop the rows of skipped jobs
+            rows = np.repeat(keep, lengths)
+            table = table.filter(pa.array(rows))
+            ids = [i for i, k in zip(ids, keep.tolist(), strict=True) if k]
+            keys = [k for k, kk in zip(keys, keep.tolist(), strict=True) if kk]
+            buckets = buckets[keep]
+            lengths = lengths[keep]
+            offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+        stats.jobs_sent += len(ids)
+        stats.rows_sent += table.num_rows
+        body = table.select(list(self.task.reads))
+        capacity = self.capacity(body.schema)
+        row_cost = wire.row_bytes(body) * 1.01  # lz4 may add a little to random data
+        entry_cost = np.array([wire.entry_bytes(len(i), k) for i, k in zip(ids, keys, strict=True)])
+        cuts = wire.plan_cuts(offsets, row_cost, entry_cost, capacity=capacity, groups=buckets)
+        for cut in cuts:
+            first = int(cut.job[0])
+            parts = int(cut.parts[0])
+            if parts > 1:
+                if int(cut.part[0]) == 0:
+                    stats.split_jobs += 1
+                    stats.parts += parts
+                    if len(stats.split) < 20:
+                        stats.split.append(self._text(keys[first]))
+                if self.task.combine is None:
+                    raise RunError(self._too_big(keys[first], int(lengths[first])))
+            else:
+                stats.parts += len(cut.job)
+            yield from self._encode(body, cut, ids, keys, buckets, skip_parts)
+
+    def _encode(
+        self,
+        body: pa.Table,
+        cut: wire.Cut,
+        ids: list[str],
+        keys: list[tuple[wire.KeyValue, ...]],
+        buckets: npt.NDArray[np.int64],
+        skip_parts: Container[tuple[str, int]],
+    ) -> Iterator[Outgoing]:
+        entries = [
+            wire.JobEntry(ids[j], part, parts, start, end, keys[j])
+            for j, part, parts, start, end in zip(
+                cut.job.tolist(),
+                cut.part.tolist(),
+                cut.parts.tolist(),
+                cut.start.tolist(),
+                cut.end.tolist(),
+                strict=True,
+            )
+            if not skip_parts or (ids[j], part) not in skip_parts
+        ]
+        if not entries:
+            return
+        rows = body.slice(cut.row_start, cut.row_end - cut.row_start)
+        if len(entries) < len(cut.job):  # some parts were published before: keep the rest
+            picked = [(e.start, e.end) for e in entries]
+            rows = pa.concat_tables([rows.slice(a, b - a) for a, b in picked])
+            at, moved = 0, []
+            for e in entries:
+                size = e.end - e.start
+                moved.append(wire.JobEntry(e.job_id, e.part, e.parts, at, at + size, e.key))
+                at += size
+            entries = moved
+        yield from self._fit(rows, entries, int(buckets[int(cut.job[0])]))
+
+    def _fit(self, rows: pa.Table, entries: list[wire.JobEntry], bucket: int) -> Iterator[Outgoing]:
+        """Encode one message; one over the budget is halved (jobs stay whole)."""
+        first = entries[0]
+        payload = wire.encode_jobs(
+            run_id=self.run_id,
+            batch_id=f"{first.job_id}.{first.part}",
+            app=self.app.name,
+            task=self.task.name,
+            fingerprint=self.app.fingerprint,
+            key_names=self.key_names,
+            key_types=self.key_types,
+            jobs=entries,
+            table=rows,
+            compression=self.compression,
+            check=False,
+        )
+        if len(payload) > self.max_message_bytes:
+            if len(entries) == 1:
+                raise RunError(
+                    f"job {self._text(first.key)} encodes to "
+                    f"{len(payload)} bytes, over --max-message-bytes {self.max_message_bytes}"
+                )
+            half = len(entries) // 2
+            cut_at = entries[half].start
+            yield from self._fit(rows.slice(0, cut_at), entries[:half], bucket)
+            rest = [
+                wire.JobEntry(e.job_id, e.part, e.parts, e.start - cut_at, e.end - cut_at, e.key)
+                for e in entries[half:]
+            ]
+            yield from self._fit(rows.slice(cut_at), rest, bucket)
+            return
+        stats = self.stats
+        stats.messages += 1
+        stats.parts_sent += len(entries)
+        stats.bytes_sent += len(payload)
+        stats.largest_message = max(stats.largest_message, len(payload))
+        yield Outgoing(
+            payload=payload,
+            key=f"b{bucket}".encode(),
+            batch_id=f"{first.job_id}.{first.part}",
+            job_ids=tuple(e.job_id for e in entries),
+            parts=tuple((e.part, e.parts) for e in entries),
+            rows=rows.num_rows,
+        )
+
+    def _too_big(self, key: tuple[wire.KeyValue, ...], rows: int) -> str:
+        return too_big_message(
+            self.task,
+            key_text(dict(zip(self.key_names, key, strict=True))),
+            rows,
+            self.max_message_bytes,
+        )
 
 
-def _values(column: Any, dtype: type[np.generic]) -> npt.NDArray[Any]:
-    """A fixed-width Arrow column without nulls, as a zero-copy numpy view.
-
-    Not ``to_numpy()``: where pandas is installed, pyarrow imports it on first use, which
-    costs a dispatcher 0.3-1 s (and pandas is not even a dependency of dispatchkit).
-    """
-    if column.null_count:
-        raise RunError("internal check failed: a null among the sorted job keys")
-    width = np.dtype(dtype).itemsize
-    return np.frombuffer(
-        column.buffers()[1], dtype=dtype, count=len(column), offset=column.offset * width
+def too_big_message(task: Task, key: str, rows: int, budget: int, size: int | None = None) -> str:
+    """The one-line refusal of a key over the message budget in a task without combine."""
+    about = f" (about {size:,} bytes)" if size is not None else ""
+    return (
+        f"job {key} has {rows:,} rows{about}, more than one message of "
+        f"--max-message-bytes {budget:,} holds, and task {task.name!r} has no combine step "
+        "to take it in parts: raise --max-message-bytes or give the task a combine"
     )
 
 
-def _pack(
-    key: npt.NDArray[np.int64],
-    pos: npt.NDArray[np.bool_],
-    starts: npt.NDArray[np.int64],
-    ends: npt.NDArray[np.int64],
-) -> Iterator[tuple[int, int, int, bytes, npt.NDArray[np.bool_]]]:
-    """Bit-pack every key segment ``[starts[i], ends[i])`` at once, one byte-aligned run each."""
-    lens = ends - starts
-    nbytes = (lens + 7) // 8
-    byte_off = np.zeros(lens.size + 1, np.int64)
-    np.cumsum(nbytes, out=byte_off[1:])
-    # Row r of segment s goes to bit byte_off[s] * 8 + (r - starts[s]).
-    seg = np.repeat(np.arange(lens.size), lens)
-    bit = byte_off[seg] * 8 + (np.arange(pos.size) - starts[seg])
-    bits = np.zeros(int(byte_off[-1]) * 8, np.bool_)
-    bits[bit] = pos
-    packed = np.packbits(bits).tobytes()
-    seg_key = key[starts]
-    for k, a, b, n, lo, hi in zip(
-        seg_key.tolist(),
-        starts.tolist(),
-        ends.tolist(),
-        lens.tolist(),
-        byte_off[:-1].tolist(),
-        byte_off[1:].tolist(),
-        strict=True,
-    ):
-        yield (k >> 32, (k & 0xFFFFFFFF) - HOUR_BIAS, n, packed[lo:hi], pos[a:b])
+def _job_starts(table: pa.Table, names: Sequence[str]) -> npt.NDArray[np.int64]:
+    """Row indices where a new key starts (0 first); the rows must be sorted by key."""
+    n = table.num_rows
+    change = np.zeros(n, dtype=np.bool_)
+    change[0] = True
+    if n > 1:
+        for name in names:
+            col = table.column(name)
+            if col.null_count:
+                raise RunError(f"internal check failed: a null in key column {name}")
+            diff = pc.not_equal(col.slice(1), col.slice(0, n - 1))
+            change[1:] |= np.asarray(diff.to_numpy(zero_copy_only=False), dtype=np.bool_)
+    return np.flatnonzero(change).astype(np.int64)

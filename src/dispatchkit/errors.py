@@ -13,6 +13,7 @@
     │                                 full, quota, I/O error, read-only)          (1)
     ├── DecodeError                   bytes that are not a valid message         (1)
     ├── TaskError                     a task raised while computing a job         (1)
+    ├── MisdeployedError              a job for another app, task or fingerprint  (4)
     └── BrokerError                   the transport failed                       (3)
         ├── DeliveryError             a message was not delivered
         └── FatalBrokerError          the client cannot go on (fenced, fatal)
@@ -30,6 +31,7 @@ RET_OK = 0
 RET_FAILED = 1
 RET_USAGE = 2
 RET_BROKER = 3
+RET_MISDEPLOYED = 4  # a worker that lacks the task or runs other code than the run's
 RET_INTERRUPTED = 130  # 128 + SIGINT
 RET_BROKEN_PIPE = 141  # 128 + SIGPIPE: stdout was closed (``| head``)
 RET_TERMINATED = 143  # 128 + SIGTERM
@@ -79,6 +81,16 @@ class DecodeError(DispatchkitError):
 
 class TaskError(DispatchkitError):
     """The task raised while computing a job."""
+
+
+class MisdeployedError(DispatchkitError):
+    """A worker was handed a job of an app, task or app version it does not run.
+
+    It neither computes nor dead-letters the job: it leaves it for a worker deployed
+    with the right code, and exits.
+    """
+
+    exit_code = RET_MISDEPLOYED
 
 
 class BrokerError(DispatchkitError):

@@ -8,8 +8,8 @@ use, where every hook is a cheap no-op. Recognized entries:
 ``crash-once:<point>@<n>`` the same, but only in the first process of a run to get there:
                            a marker file in ``$DISPATCHKIT_TEST_FAULT_DIR`` remembers it, so
                            a restarted worker does not crash again.
-``fail:<country>``         every job of that country raises (a task that always fails).
-``fail-once:<country>``    its jobs fail on the first attempt only.
+``fail:<value>``           every job with that key value (e.g. a country) raises.
+``fail-once:<value>``      its jobs fail on the first attempt only.
 ``slow:<seconds>``         each batch takes that much longer (a long job).
 ``enospc:<file name>``     writing that output file fails with ENOSPC (disk full).
 ``flush-at:<n>``           the embedded run flushes its store every n job parts.
@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 
 _spec = [s for s in os.environ.get("DISPATCHKIT_TEST_FAULTS", "").split(",") if s]
 _counts: dict[str, int] = {}
-_failed_once: set[tuple[str, int]] = set()
+_failed_once: set[tuple[tuple[str, str], ...]] = set()
 
 
 def enabled() -> bool:
@@ -64,16 +65,19 @@ def flush_at(default: int) -> int:
     return default
 
 
-def maybe_fail_job(country: str, date_hour: int) -> None:
-    """Raise if the tests asked this country's jobs to fail."""
+def maybe_fail_job(key: Mapping[str, object]) -> None:
+    """Raise if the tests asked jobs with this key value (e.g. a country) to fail."""
     if not _spec:
         return
+    values = {str(v) for v in key.values()}
     for entry in _spec:
-        if entry == f"fail:{country}":
-            raise RuntimeError(f"injected failure for {country}")
-        if entry == f"fail-once:{country}" and (country, date_hour) not in _failed_once:
-            _failed_once.add((country, date_hour))
-            raise RuntimeError(f"injected one-time failure for {country}")
+        kind, _, value = entry.partition(":")
+        if kind == "fail" and value in values:
+            raise RuntimeError(f"injected failure for {value}")
+        ident = tuple(sorted((k, str(v)) for k, v in key.items()))
+        if kind == "fail-once" and value in values and ident not in _failed_once:
+            _failed_once.add(ident)
+            raise RuntimeError(f"injected one-time failure for {value}")
 
 
 def slow_seconds() -> float:

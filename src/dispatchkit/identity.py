@@ -9,8 +9,10 @@ both values. Parameters that change how fast a run goes but not what it computes
 
 ================== ============================================================
 ``input``          BLAKE2b-128 of the input files' bytes (names excluded)
+``app``            the app's name (``covid``, …)
+``fingerprint``    the app's version and a hash of its tasks' code
 ``task``           the task computing each job (``positive-rate``, …)
-``key``            the job key (``country,hour``)
+``key``            the job key (``country,date_hour=floor(test_datetime, hour)``)
 ``start``/``end``  the valid time range ``[start, end)``, ISO 8601 UTC
 ``max_message_bytes`` the message budget, which decides how big jobs are split
 ``format``         the wire-format version of the run's messages
@@ -32,6 +34,8 @@ JOB_KEY: Final = "country,hour"
 #: What each parameter is called on the command line, for messages.
 _FLAGS: Final = {
     "input": "input",
+    "app": "--app",
+    "fingerprint": "app fingerprint",
     "task": "--task",
     "key": "job key",
     "start": "--start",
@@ -49,12 +53,16 @@ def run_identity(
     end: datetime,
     max_message_bytes: int,
     key: str = JOB_KEY,
+    app: str | None = None,
+    app_fingerprint: str | None = None,
 ) -> dict[str, str]:
     """The identity of a run with these parameters, as text values (stable across versions)."""
-    from dispatchkit.message import SCHEMA_VERSION
+    from dispatchkit.wire import WIRE_VERSION as SCHEMA_VERSION
 
+    extra = {} if app is None else {"app": app, "fingerprint": app_fingerprint or ""}
     return {
         "input": fingerprint,
+        **extra,
         "task": task,
         "key": key,
         "start": _iso(start),

@@ -11,24 +11,26 @@ import csv
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
+
 from dispatchkit import faults
+from dispatchkit.app import App, Task, Timestamp, load_app
 from dispatchkit.brokers.base import Broker
-from dispatchkit.dispatcher import DEFAULT_MAX_MESSAGE_BYTES, Dispatcher, iso_hour
-from dispatchkit.errors import InputError, RunError
+from dispatchkit.dispatcher import DEFAULT_MAX_MESSAGE_BYTES, Dispatcher, too_big_message
+from dispatchkit.errors import DecodeError, InputError, RunError, UsageError
 from dispatchkit.identity import run_identity
-from dispatchkit.message import JobBatch, decode
+from dispatchkit.keys import key_text
 from dispatchkit.outdir import holds_out_dir
 from dispatchkit.progress import Bars
 from dispatchkit.reader import InputReader, RowCounts, fingerprint, resolve_inputs
-from dispatchkit.schema import DEFAULT_END, DEFAULT_START
 from dispatchkit.store import ResultStore, RunRecord, write_results
-from dispatchkit.task import get_task
+from dispatchkit.wire import JobMessage, decode_jobs
 from dispatchkit.worker import RetryPolicy
 
 if TYPE_CHECKING:
@@ -48,14 +50,18 @@ class RunSpec:
     run_id: str | None = None
     task: str = "positive-rate"
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    start: datetime = DEFAULT_START
-    end: datetime = DEFAULT_END
+    #: The run's range of the app's ``run_range`` column; ``None``: the app's own bounds.
+    start: datetime | None = None
+    end: datetime | None = None
     strict: bool = False
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     memory_limit: str = "384MB"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     report: bool = True
     quiet: bool = False
+    #: The app, by import path (``module:attr`` or ``file.py:attr``); ``None``: the
+    #: ``$DISPATCHKIT_APP`` or the built-in COVID app.
+    app: str | None = None
 
 
 @dataclass
@@ -90,16 +96,54 @@ class Prepared:
     counts: RowCounts
     total_jobs: int
     identity: dict[str, str] = field(default_factory=dict)
+    app: App | None = None
 
 
-def spec_identity(spec: RunSpec, fingerprint: str) -> dict[str, str]:
+def run_range(spec: RunSpec, app: App) -> tuple[datetime | None, datetime | None]:
+    """The run's ``[start, end)``: the flags, else the app's bounds of its range column."""
+    column = app.run_range_column
+    if column is None:
+        if spec.start is not None or spec.end is not None:
+            raise UsageError(
+                f"app {app.name!r} has no run range (no Timestamp column with "
+                "run_range=True): --start and --end do not apply"
+            )
+        return None, None
+    col = app.input_columns[column]
+    assert isinstance(col, Timestamp)
+    lo, hi = col.min_ns, col.max_ns
+    start = spec.start if spec.start is not None else (None if lo is None else _from_ns(lo))
+    end = spec.end if spec.end is not None else (None if hi is None else _from_ns(hi))
+    if start is not None and end is not None and start >= end:
+        raise InputError(f"--start {start:%Y-%m-%d} is not before --end {end:%Y-%m-%d}")
+    return start, end
+
+
+def _from_ns(ns: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=ns // 1000)
+
+
+def key_description(app: App) -> str:
+    """The job key as text: ``country,date_hour=floor(test_datetime,hour)``."""
+    return ",".join(
+        p if isinstance(p, str) else f"{p.name}=floor({p.column},{p.unit})" for p in app.key_parts
+    )
+
+
+def spec_identity(spec: RunSpec, fingerprint: str, app: App | None = None) -> dict[str, str]:
     """The identity (:mod:`dispatchkit.identity`) of a run of ``spec`` over this input."""
+    app = app if app is not None else load_app(spec.app)
+    start, end = run_range(spec, app)
+    unbounded = datetime(1, 1, 1, tzinfo=UTC)
     return run_identity(
         fingerprint=fingerprint,
         task=spec.task,
-        start=spec.start,
-        end=spec.end,
+        start=start or unbounded,
+        end=end or unbounded,
         max_message_bytes=spec.max_message_bytes,
+        key=key_description(app),
+        app=app.name,
+        app_fingerprint=app.fingerprint,
     )
 
 
@@ -108,23 +152,28 @@ def prepare_run_id(spec: RunSpec) -> str:
     return spec.run_id or f"run-{fingerprint(resolve_inputs(spec.input))[:12]}"
 
 
-def prepare(spec: RunSpec, check: Callable[[str, dict[str, str]], None] | None = None) -> Prepared:
+Check = Callable[[str, dict[str, str], App, Task], None]
+
+
+def prepare(spec: RunSpec, check: Check | None = None, app: App | None = None) -> Prepared:
     """Resolve and validate the input, write the quarantine files; nothing is dispatched.
 
-    ``check(run_id, identity)`` is called once the input is validated and before
-    anything is written: a rerun that differs from its run is refused there.
+    ``check(run_id, identity, app, task)`` is called once the input is validated and
+    before anything is written: a rerun that differs from its run is refused there. A
+    job too big for one message, in a task without a combine step, is refused too.
     """
+    app = app if app is not None else load_app(spec.app)
+    task = app.get_task(spec.task)
     paths = resolve_inputs(spec.input)
     fp = fingerprint(paths)
     run_id = spec.run_id or f"run-{fp[:12]}"
-    get_task(spec.task)
-    if spec.start >= spec.end:
-        raise InputError(f"--start {spec.start:%Y-%m-%d} is not before --end {spec.end:%Y-%m-%d}")
-    identity = spec_identity(spec, fp)
+    start, end = run_range(spec, app)
+    identity = spec_identity(spec, fp, app)
     reader = InputReader(
         paths,
-        start=spec.start,
-        end=spec.end,
+        app,
+        start=start,
+        end=end,
         spill_dir=spec.out / ".spill",
         memory_limit=spec.memory_limit,
     )
@@ -135,13 +184,43 @@ def prepare(spec: RunSpec, check: Callable[[str, dict[str, str]], None] | None =
         if counts.rows_read == 0:
             raise InputError(f"{spec.input}: holds no rows")
         if check is not None:
-            check(run_id, identity)
+            check(run_id, identity, app, task)
+        _refuse_too_big(spec, app, task, run_id, counts)
         reader.write_quarantine(spec.out, any_bad=counts.rows_bad > 0)
         total_jobs = counts.jobs
     except BaseException:
         reader.close()
         raise
-    return Prepared(paths, fp, run_id, reader, counts, total_jobs, identity)
+    return Prepared(paths, fp, run_id, reader, counts, total_jobs, identity, app)
+
+
+def _refuse_too_big(spec: RunSpec, app: App, task: Task, run_id: str, counts: RowCounts) -> None:
+    """A key bigger than one message in a task without a combine: refused up front."""
+    largest = counts.largest_job
+    if task.combine is not None or largest is None:
+        return
+    key, rows, size = largest
+    probe = Dispatcher(
+        _NoRows(), app=app, task=task.name, run_id=run_id, max_message_bytes=spec.max_message_bytes
+    )
+    schema = pa.schema([pa.field(c, _ARROW[app.input_columns[c].kind]) for c in task.reads])
+    capacity = probe.capacity(schema)
+    if size * 1.02 + 64 > capacity:
+        raise RunError(too_big_message(task, key_text(key), rows, spec.max_message_bytes, size))
+
+
+class _NoRows:
+    def sorted_valid(self, columns: object) -> Iterator[pa.RecordBatch]:
+        return iter(())
+
+
+_ARROW = {
+    "int": pa.int64(),
+    "float": pa.float64(),
+    "text": pa.string(),
+    "bool": pa.bool_(),
+    "timestamp": pa.timestamp("ns", tz="UTC"),
+}
 
 
 def pump_results(broker: Broker, store: ResultStore, timeout: float, flush_at: int = 20_000) -> int:
@@ -150,9 +229,8 @@ def pump_results(broker: Broker, store: ResultStore, timeout: float, flush_at: i
     Returns the number of job parts that arrived.
     """
     got = 0
-    for rb in broker.results(timeout):
-        store.add(rb.run_id, rb.worker, rb.results)
-        got += len(rb.results)
+    for msg in broker.results(timeout):
+        got += store.add(msg)
     if store.buffered >= faults.flush_at(flush_at):
         store.flush()
         faults.crash_point("run.after_flush")
@@ -161,19 +239,22 @@ def pump_results(broker: Broker, store: ResultStore, timeout: float, flush_at: i
 
 
 def finish(
-    store: ResultStore, run_id: str, task: str, out: Path, *, report: bool, summary: RunSummary
+    store: ResultStore, run_id: str, app: App, out: Path, *, report: bool, summary: RunSummary
 ) -> None:
-    """Export results.parquet/csv and report.png from the store."""
+    """Export results.parquet/csv, and the app's chart as report.png, from the store."""
     t0 = time.perf_counter()
-    results = store.results(run_id, get_task(task))
+    results = store.results(run_id)
     pq_path, csv_path = write_results(results, out)
     summary.files["results.parquet"] = pq_path
     summary.files["results.csv"] = csv_path
     summary.jobs_done = results.height
-    if report and results.height:
-        from dispatchkit.report import plot_report  # matplotlib costs ~0.4 s to import
+    if report and results.height and app.chart_fn is not None:
+        from dispatchkit.outdir import atomic_path
 
-        summary.files["report.png"] = plot_report(results, out / "report.png")
+        path = out / "report.png"
+        with atomic_path(path) as tmp:
+            app.chart_fn(results.to_arrow(), tmp)
+        summary.files["report.png"] = path
     summary.seconds["export"] = time.perf_counter() - t0
 
 
@@ -185,8 +266,8 @@ def run_embedded(spec: RunSpec, bars: Bars | None = None) -> RunSummary:
     with ResultStore(spec.out / STORE_NAME) as store:
         records: list[RunRecord] = []
 
-        def check(run_id: str, identity: dict[str, str]) -> None:
-            records.append(store.start_run(run_id, identity, spec.input))
+        def check(run_id: str, identity: dict[str, str], app: App, task: Task) -> None:
+            records.append(store.start_run(run_id, identity, spec.input, app=app, task=task))
 
         prep = prepare(spec, check)
         record = records[0]
@@ -218,15 +299,17 @@ def _run_prepared(
         rows_quarantined=prep.counts.rows_bad,
         total_jobs=prep.total_jobs,
     )
-    done = store.done_keys(prep.run_id)
+    done = store.done_jobs(prep.run_id)
     summary.jobs = prep.total_jobs
     if record.status == "complete" and len(done) == prep.total_jobs:
         log.info("run %s is already complete; nothing to do", prep.run_id)
         summary.jobs_skipped = len(done)
     else:
-        broker = EmbeddedBroker(spec.workers, retry=spec.retry)
+        app_spec = prep.app.spec if prep.app is not None else spec.app
+        broker = EmbeddedBroker(spec.workers, app=app_spec, retry=spec.retry)
         _dispatch_and_collect(spec, prep, store, done, bars, summary, broker)
-    finish(store, prep.run_id, spec.task, spec.out, report=spec.report, summary=summary)
+    assert prep.app is not None
+    finish(store, prep.run_id, prep.app, spec.out, report=spec.report, summary=summary)
     if summary.failed_jobs:
         summary.files["dead_letters.csv"] = write_dead_letters(summary.failed_jobs, spec.out)
     if summary.rows_valid and summary.jobs_done != prep.total_jobs:
@@ -252,13 +335,18 @@ def _dispatch_and_collect(
     spec: RunSpec,
     prep: Prepared,
     store: ResultStore,
-    done: set[tuple[str, int]],
+    done: set[str],
     bars: Bars,
     summary: RunSummary,
     broker: EmbeddedBroker,
 ) -> None:
+    assert prep.app is not None
     dispatcher = Dispatcher(
-        prep.reader, run_id=prep.run_id, task=spec.task, max_message_bytes=spec.max_message_bytes
+        prep.reader,
+        app=prep.app,
+        task=spec.task,
+        run_id=prep.run_id,
+        max_message_bytes=spec.max_message_bytes,
     )
     bars.add("dispatch", prep.counts.rows_valid, "rows")
     bars.add("work", prep.total_jobs, "jobs")
@@ -267,7 +355,7 @@ def _dispatch_and_collect(
     try:
         broker.start()
         for i, batch in enumerate(
-            dispatcher.batches(skip=done, on_rows=lambda n: bars.advance("dispatch", n))
+            dispatcher.messages(skip=done, on_rows=lambda n: bars.advance("dispatch", n))
         ):
             broker.publish(batch)
             if i % 64 == 0:
@@ -289,20 +377,31 @@ def _dispatch_and_collect(
     summary.jobs_sent = stats.jobs_sent
     summary.jobs_skipped = stats.jobs_skipped
     summary.split_jobs = stats.split_jobs
-    summary.batches = stats.batches
+    summary.batches = stats.messages
     summary.duplicates_ignored = store.duplicates
     summary.worker_restarts = broker.restarts
     for dead in broker.dead_letters:
         try:
-            batch = decode(dead.payload, JobBatch)
-        except Exception:
+            msg = decode_jobs(dead.payload)
+        except DecodeError:
             summary.failed_jobs.append(f"undecodable batch ({dead.rejection.error})")
             continue
         summary.failed_jobs.extend(
-            f"{j.country} {iso_hour(j.date_hour)}: {dead.rejection.error_class}: "
-            f"{dead.rejection.error}"
-            for j in batch.jobs
+            f"{key_text(dict(zip(msg.key_names, _key_values(msg, j.key), strict=True)))}: "
+            f"{dead.rejection.error_class}: {dead.rejection.error}"
+            for j in msg.jobs
         )
+
+
+def _key_values(msg: JobMessage, key: tuple[object, ...]) -> list[object]:
+    """A job entry's key with its timestamps as datetimes, for display."""
+    out: list[object] = []
+    for t, v in zip(msg.key_types, key, strict=True):
+        if t.startswith("timestamp") and isinstance(v, int):
+            out.append(datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=v))
+        else:
+            out.append(v)
+    return out
 
 
 def write_dead_letters(failed: list[str], out: Path) -> Path:

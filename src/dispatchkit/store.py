@@ -22,19 +22,21 @@ written by :meth:`ResultStore.flush`; callers commit their input only after a fl
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import duckdb
 import polars as pl
+import pyarrow as pa
 
 from dispatchkit import identity as ids
-from dispatchkit.errors import StoreError
-from dispatchkit.message import JobResult
-from dispatchkit.task import Task
+from dispatchkit import wire
+from dispatchkit.app import App, Task
+from dispatchkit.errors import RunError, StoreError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -52,22 +54,8 @@ CREATE TABLE IF NOT EXISTS runs (
     updated_at DOUBLE NOT NULL
 );
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS identity VARCHAR;
-CREATE TABLE IF NOT EXISTS parts (
-    run_id VARCHAR NOT NULL,
-    job_id VARCHAR NOT NULL,
-    part INTEGER NOT NULL,
-    parts INTEGER NOT NULL,
-    country VARCHAR NOT NULL,
-    date_hour BIGINT NOT NULL,
-    tests BIGINT NOT NULL,
-    positives BIGINT NOT NULL,
-    positive_rate DOUBLE NOT NULL,
-    ci_low DOUBLE,
-    ci_high DOUBLE,
-    worker VARCHAR NOT NULL,
-    stored_at DOUBLE NOT NULL,
-    PRIMARY KEY (run_id, job_id, part)
-);
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS app VARCHAR;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS parts_table VARCHAR;
 CREATE TABLE IF NOT EXISTS read_positions (
     run_id VARCHAR NOT NULL,
     topic VARCHAR NOT NULL,
@@ -79,46 +67,48 @@ CREATE TABLE IF NOT EXISTS read_positions (
 );
 """
 
-_PART_SCHEMA = {
-    "run_id": pl.String,
-    "job_id": pl.String,
-    "part": pl.Int32,
-    "parts": pl.Int32,
-    "country": pl.String,
-    "date_hour": pl.Int64,
-    "tests": pl.Int64,
-    "positives": pl.Int64,
-    "positive_rate": pl.Float64,
-    "ci_low": pl.Float64,
-    "ci_high": pl.Float64,
-    "worker": pl.String,
-    "stored_at": pl.Float64,
-}
+#: Columns of every parts table before the app's key, result and state columns.
+_ID_COLUMNS = ("run_id", "job_id", "part", "parts", "state")
 
-#: Jobs with every part of one split stored, parts added up: one row per (job, split).
-#: A part belongs to the split given by its ``parts`` count; parts of different splits
-#: never add up (``part 0 of 1`` plus ``parts 1-9 of 10`` is not a complete job).
-_COMPLETE_SPLITS = """
-    SELECT run_id, job_id, country, date_hour, parts,
-           sum(tests)::BIGINT AS tests, sum(positives)::BIGINT AS positives,
-           any_value(positive_rate) AS positive_rate, any_value(ci_low) AS ci_low,
-           any_value(ci_high) AS ci_high
-    FROM parts WHERE run_id = ?
-    GROUP BY run_id, job_id, country, date_hour, parts
-    HAVING count(*) = parts
-"""
 
-RESULT_COLUMNS = (
-    "run_id",
-    "job_id",
-    "country",
-    "date_hour",
-    "tests",
-    "positives",
-    "positive_rate",
-    "ci_low",
-    "ci_high",
-)
+@dataclass(frozen=True)
+class Layout:
+    """How one (app, task)'s job parts are stored: its table and columns."""
+
+    table: str
+    keys: tuple[str, ...]
+    values: tuple[str, ...]
+    states: tuple[str, ...]  # without the ``state:`` prefix
+    schema: pa.Schema  # every column of the table, in order
+
+    @classmethod
+    def of(cls, app: App, task: Task) -> Layout:
+        fields = [
+            pa.field("run_id", pa.string()),
+            pa.field("job_id", pa.string()),
+            pa.field("part", pa.int32()),
+            pa.field("parts", pa.int32()),
+            pa.field("state", pa.bool_()),
+        ]
+        ks = app.keyspec
+        fields += [pa.field(n, t) for n, t in zip(ks.names, ks.types, strict=True)]
+        fields += list(task.result)
+        states = task.combine.schema if task.combine is not None else pa.schema([])
+        fields += [pa.field(wire.STATE_PREFIX + f.name, f.type) for f in states]
+        fields += [pa.field("worker", pa.string()), pa.field("stored_at", pa.float64())]
+        schema = pa.schema(fields)
+        digest = hashlib.blake2b(str(schema).encode(), digest_size=6).hexdigest()
+        return cls(
+            table=f"parts_{digest}",
+            keys=tuple(ks.names),
+            values=tuple(task.result.names),
+            states=tuple(states.names),
+            schema=schema,
+        )
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 @dataclass(frozen=True)
@@ -149,6 +139,8 @@ class RunRecord:
     created_at: float
     updated_at: float
     identity: str | None = None  # JSON of :func:`dispatchkit.identity.run_identity`
+    app: str | None = None
+    parts_table: str | None = None
 
 
 class ResultStore:
@@ -167,7 +159,10 @@ class ResultStore:
         except duckdb.Error as exc:
             self.con.close()
             raise StoreError(_open_error(self.path, exc)) from None
-        self._buffer: list[tuple[str, str, JobResult]] = []
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+        self._layouts: dict[str, Layout] = {}
+        self._tasks: dict[str, Task] = {}
         self.duplicates = 0
 
     def __enter__(self) -> ResultStore:
@@ -184,7 +179,14 @@ class ResultStore:
     # -- run ledger --------------------------------------------------------------------
 
     def start_run(
-        self, run_id: str, identity: Mapping[str, str], inputs: str, *, where: str = "made"
+        self,
+        run_id: str,
+        identity: Mapping[str, str],
+        inputs: str,
+        *,
+        app: App,
+        task: Task,
+        where: str = "made",
     ) -> RunRecord:
         """Record a new run, or return the existing one if its identity is the same.
 
@@ -205,12 +207,25 @@ class ResultStore:
                 else {k: identity.get(k, "(not given)") for k in recorded}
             )
             ids.check_identity(run_id, recorded, wanted, where=where)
+            self._use(run_id, app, task)
             return existing
+        layout = self._use(run_id, app, task)
         now = time.time()
         self.con.execute(
             "INSERT INTO runs (run_id, input_fingerprint, inputs, task, status, created_at, "
-            "updated_at, identity) VALUES (?, ?, ?, ?, 'started', ?, ?, ?)",
-            [run_id, identity["input"], inputs, identity["task"], now, now, ids.dumps(identity)],
+            "updated_at, identity, app, parts_table) "
+            "VALUES (?, ?, ?, ?, 'started', ?, ?, ?, ?, ?)",
+            [
+                run_id,
+                identity["input"],
+                inputs,
+                identity["task"],
+                now,
+                now,
+                ids.dumps(identity),
+                app.name,
+                layout.table,
+            ],
         )
         record = self.get_run(run_id)
         assert record is not None
@@ -239,13 +254,64 @@ class ResultStore:
 
     # -- results -----------------------------------------------------------------------
 
-    def add(self, run_id: str, worker: str, results: Iterable[JobResult]) -> None:
-        """Buffer results; they are durable after :meth:`flush`."""
-        self._buffer.extend((run_id, worker, r) for r in results)
+    def _use(self, run_id: str, app: App, task: Task) -> Layout:
+        """The run's parts table, created if it does not exist yet."""
+        layout = Layout.of(app, task)
+        empty = layout.schema.empty_table()
+        self.con.register("layout_probe", empty)
+        try:
+            types = self.con.execute("DESCRIBE SELECT * FROM layout_probe").fetchall()
+        finally:
+            self.con.unregister("layout_probe")
+        cols = ", ".join(f"{_q(str(name))} {kind}" for name, kind, *_ in types)
+        self.con.execute(
+            f"CREATE TABLE IF NOT EXISTS {layout.table} ({cols}, "
+            "PRIMARY KEY (run_id, job_id, part))"
+        )
+        self._layouts[run_id] = layout
+        self._tasks[run_id] = task
+        return layout
+
+    def layout(self, run_id: str) -> Layout:
+        try:
+            return self._layouts[run_id]
+        except KeyError:
+            raise RunError(f"run {run_id!r} was not started in this store") from None
+
+    def add(self, msg: wire.ResultMessage) -> int:
+        """Buffer a result message's job parts; they are durable after :meth:`flush`.
+
+        Returns the number of parts it held.
+        """
+        n = len(msg.results)
+        if not n:
+            return 0
+        layout = self.layout(msg.run_id)
+        body = msg.table
+        columns: dict[str, pa.Array] = {
+            "run_id": pa.array([msg.run_id] * n, pa.string()),
+            "job_id": pa.array([e.job_id for e in msg.results], pa.string()),
+            "part": pa.array([e.part for e in msg.results], pa.int32()),
+            "parts": pa.array([e.parts for e in msg.results], pa.int32()),
+            "state": pa.array([e.state for e in msg.results], pa.bool_()),
+            "worker": pa.array([msg.worker] * n, pa.string()),
+            "stored_at": pa.array([time.time()] * n, pa.float64()),
+        }
+        arrays = []
+        for f in layout.schema:
+            if f.name in columns:
+                arrays.append(columns[f.name])
+            elif f.name in body.schema.names:
+                arrays.append(body.column(f.name).cast(f.type))
+            else:  # e.g. no state columns in a message of whole jobs
+                arrays.append(pa.nulls(n, f.type))
+        self._buffer.append(pa.Table.from_arrays(arrays, schema=layout.schema))
+        self._buffered += n
+        return n
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return self._buffered
 
     def read_positions(self, run_id: str, topic: str) -> ReadPositions:
         """The positions stored for a run's collector on ``topic`` (empty: from the start)."""
@@ -278,8 +344,8 @@ class ResultStore:
             with contextlib.suppress(duckdb.Error):  # a failed COMMIT has rolled back already
                 self.con.execute("ROLLBACK")
             raise
-        self.duplicates += len(self._buffer) - new
-        self._buffer = []
+        self.duplicates += self._buffered - new
+        self._buffer, self._buffered = [], 0
         return new
 
     def _write_positions(self, positions: ReadPositions) -> None:
@@ -298,93 +364,102 @@ class ResultStore:
     def _insert_buffer(self) -> int:
         if not self._buffer:
             return 0
-        rows = self._buffer
-        results = [r[2] for r in rows]
-        # Polars builds string columns from Python lists far faster than pyarrow does.
-        table = pl.DataFrame(
-            {
-                "run_id": [r[0] for r in rows],
-                "job_id": [r.job_id for r in results],
-                "part": [r.part for r in results],
-                "parts": [r.parts for r in results],
-                "country": [r.country for r in results],
-                "date_hour": [r.date_hour for r in results],
-                "tests": [r.tests for r in results],
-                "positives": [r.positives for r in results],
-                "positive_rate": [r.positive_rate for r in results],
-                "ci_low": [r.ci_low for r in results],
-                "ci_high": [r.ci_high for r in results],
-                "worker": [r[1] for r in rows],
-                "stored_at": [time.time()] * len(rows),
-            },
-            schema=_PART_SCHEMA,
-        ).to_arrow()
-        before = self._count_parts()
-        self.con.register("incoming", table)
-        try:
-            # A part already stored, or repeated within the batch, is kept once.
-            self.con.execute("INSERT INTO parts SELECT * FROM incoming ON CONFLICT DO NOTHING")
-        finally:
-            self.con.unregister("incoming")
-        return self._count_parts() - before
+        new = 0
+        by_table: dict[str, list[pa.Table]] = {}
+        for table in self._buffer:
+            name = self._table_of(table)
+            by_table.setdefault(name, []).append(table)
+        for name, tables in by_table.items():
+            incoming = pa.concat_tables(tables)
+            before = self._count(name)
+            self.con.register("incoming", incoming)
+            try:
+                # A part already stored, or repeated within the batch, is kept once.
+                self.con.execute(
+                    f"INSERT INTO {name} SELECT * FROM incoming ON CONFLICT DO NOTHING"
+                )
+            finally:
+                self.con.unregister("incoming")
+            new += self._count(name) - before
+        return new
 
-    def _count_parts(self) -> int:
-        row = self.con.execute("SELECT count(*) FROM parts").fetchall()
+    def _table_of(self, table: pa.Table) -> str:
+        run_id = table.column("run_id")[0].as_py()
+        return self.layout(str(run_id)).table
+
+    def _count(self, table: str) -> int:
+        row = self.con.execute(f"SELECT count(*) FROM {table}").fetchall()
         return int(row[0][0]) if row else 0
 
-    def done_keys(self, run_id: str) -> set[tuple[str, int]]:
-        """``(country, date_hour)`` of every job whose parts are all stored."""
+    def _complete(self, layout: Layout) -> str:
+        """Job parts of complete splits: every part of one ``parts`` count is stored;
+        parts of different splits never add up (part 0 of 1 and parts 1-9 of 10 is no
+        job). One split per job, should a job ever have been cut two ways."""
+        return f"""
+            SELECT * FROM {layout.table}
+            WHERE run_id = ? AND (job_id, parts) IN (
+                SELECT job_id, parts FROM {layout.table} WHERE run_id = ?
+                GROUP BY job_id, parts HAVING count(*) = parts
+                QUALIFY row_number() OVER (PARTITION BY job_id ORDER BY parts) = 1
+            )"""
+
+    def done_jobs(self, run_id: str) -> set[str]:
+        """Ids of every job whose parts are all stored."""
+        layout = self.layout(run_id)
         rows = self.con.execute(
-            f"SELECT DISTINCT country, date_hour FROM ({_COMPLETE_SPLITS})", [run_id]
+            f"SELECT DISTINCT job_id FROM ({self._complete(layout)})", [run_id, run_id]
         ).fetchall()
-        return {(str(c), int(h)) for c, h in rows}
+        return {str(r[0]) for r in rows}
 
     def jobs_done(self, run_id: str) -> int:
+        layout = self.layout(run_id)
         row = self.con.execute(
-            f"SELECT count(DISTINCT job_id) FROM ({_COMPLETE_SPLITS})", [run_id]
+            f"SELECT count(DISTINCT job_id) FROM ({self._complete(layout)})", [run_id, run_id]
         ).fetchall()
         return int(row[0][0]) if row else 0
 
-    def results(self, run_id: str, task: Task) -> pl.DataFrame:
-        """One row per complete job, parts added up, sorted by country and hour."""
-        merged_arrow = self.con.sql(
-            f"""
-            SELECT run_id, job_id, country, date_hour, tests, positives, parts,
-                   positive_rate, ci_low, ci_high
-            FROM ({_COMPLETE_SPLITS})
-            -- one split per job: were a job ever cut two ways, each complete split alone
-            -- holds all its rows, and adding both would count them twice
-            QUALIFY row_number() OVER (PARTITION BY job_id ORDER BY parts) = 1
-            ORDER BY country, date_hour
-            """,
-            params=[run_id],
+    def results(self, run_id: str) -> pl.DataFrame:
+        """One row per complete job: run_id, job_id, the key columns, the result columns,
+        sorted by key; split jobs' states merged and finished by the task's combine."""
+        layout = self.layout(run_id)
+        keys = ", ".join(_q(k) for k in layout.keys)
+        values = ", ".join(_q(v) for v in layout.values)
+        whole = self.con.sql(
+            f"SELECT run_id, job_id, {keys}, {values} FROM ({self._complete(layout)}) "
+            "WHERE parts = 1",
+            params=[run_id, run_id],
         ).to_arrow_table()
-        merged = pl.DataFrame(pl.from_arrow(merged_arrow))
-        split = merged.filter(pl.col("parts") > 1)
-        if split.height:
-            fixed = [
-                task.merge(j, int(k), int(n))
-                for j, k, n in zip(split["job_id"], split["positives"], split["tests"], strict=True)
-            ]
-            patch = split.select("job_id").with_columns(
-                pl.Series("positive_rate_m", [f[0] for f in fixed], pl.Float64),
-                pl.Series("ci_low_m", [f[1] for f in fixed], pl.Float64),
-                pl.Series("ci_high_m", [f[2] for f in fixed], pl.Float64),
-            )
-            merged = (
-                merged.join(patch, on="job_id", how="left")
-                .with_columns(
-                    pl.coalesce("positive_rate_m", "positive_rate").alias("positive_rate"),
-                    pl.coalesce("ci_low_m", "ci_low").alias("ci_low"),
-                    pl.coalesce("ci_high_m", "ci_high").alias("ci_high"),
-                )
-                .drop("positive_rate_m", "ci_low_m", "ci_high_m")
-            )
-        return merged.with_columns(
-            pl.from_epoch(pl.col("date_hour"), time_unit="s")
-            .dt.replace_time_zone("UTC")
-            .alias("date_hour")
-        ).select(RESULT_COLUMNS)
+        tables = [whole]
+        if layout.states:
+            tables += self._finish_split(run_id, layout)
+        out = pa.concat_tables([t.cast(whole.schema) for t in tables])
+        df = pl.DataFrame(pl.from_arrow(out))
+        return df.sort(list(layout.keys))
+
+    def _finish_split(self, run_id: str, layout: Layout) -> list[pa.Table]:
+        states = ", ".join(_q(wire.STATE_PREFIX + s) for s in layout.states)
+        keys = ", ".join(_q(k) for k in layout.keys)
+        split = self.con.sql(
+            f"SELECT job_id, {keys}, {states} FROM ({self._complete(layout)}) "
+            "WHERE parts > 1 ORDER BY job_id, part",
+            params=[run_id, run_id],
+        ).to_arrow_table()
+        if not split.num_rows:
+            return []
+        rows = split.to_pylist()
+        out: list[dict[str, object]] = []
+        task = self._tasks[run_id]
+        i = 0
+        while i < len(rows):
+            j = i
+            while j < len(rows) and rows[j]["job_id"] == rows[i]["job_id"]:
+                j += 1
+            key = {k: rows[i][k] for k in layout.keys}
+            parts = [{s: r[wire.STATE_PREFIX + s] for s in layout.states} for r in rows[i:j]]
+            result = task.finish_states(key, parts)
+            out.append({"run_id": run_id, "job_id": rows[i]["job_id"], **key, **result})
+            i = j
+        return [pa.Table.from_pylist(out)]
 
 
 def write_results(results: pl.DataFrame, out_dir: Path) -> tuple[Path, Path]:
@@ -399,8 +474,11 @@ def write_results(results: pl.DataFrame, out_dir: Path) -> tuple[Path, Path]:
     pq_path, csv_path = out_dir / "results.parquet", out_dir / "results.csv"
     with atomic_path(pq_path) as tmp:
         results.write_parquet(tmp)
+    times = [n for n, t in results.schema.items() if isinstance(t, pl.Datetime)]
     with atomic_path(csv_path) as tmp:
-        results.with_columns(pl.col("date_hour").dt.strftime("%Y-%m-%dT%H:%M:%SZ")).write_csv(tmp)
+        results.with_columns(
+            [pl.col(n).dt.strftime("%Y-%m-%dT%H:%M:%SZ") for n in times]
+        ).write_csv(tmp)
     return pq_path, csv_path
 
 

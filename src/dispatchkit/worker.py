@@ -1,7 +1,8 @@
-"""The worker: take one job batch at a time, run its task, hand back the results.
+"""The worker: take one job message at a time, run the app's task, hand back the results.
 
-:class:`Worker` is transport-free: :meth:`Worker.handle` turns an encoded job batch into
-an encoded result batch, retrying a failing job with capped exponential backoff and
+:class:`Worker` is transport-free: :meth:`Worker.handle` turns an encoded job message
+(wire v2) into an encoded result message, using the task's vectorized form when it has
+one, retrying a failing job with capped exponential backoff and
 full jitter, and setting aside jobs that still fail. :func:`run` is the loop every
 transport shares: consume → handle → ack (or reject), until stopped or, with ``burst``,
 until the source is drained.
@@ -14,19 +15,15 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from dispatchkit import faults
+import pyarrow as pa
+
+from dispatchkit import faults, wire
+from dispatchkit.app import App, Jobs, ResultError, Task, load_app
 from dispatchkit.brokers.base import Delivery, JobSource, Rejection
-from dispatchkit.errors import DecodeError, DispatchkitError, TaskError
-from dispatchkit.message import (
-    SCHEMA_VERSION,
-    JobBatch,
-    JobResult,
-    ResultBatch,
-    decode,
-    encode,
-)
-from dispatchkit.task import TASKS
+from dispatchkit.errors import DecodeError, DispatchkitError, MisdeployedError, TaskError
+from dispatchkit.keys import key_text
 
 log = logging.getLogger(__name__)
 
@@ -66,84 +63,183 @@ class WorkerStats:
 
 
 class Worker:
-    """Runs tasks on job batches; knows nothing about the transport."""
+    """Runs an app's tasks on job messages; knows nothing about the transport."""
 
     def __init__(
         self,
         worker_id: str,
         retry: RetryPolicy | None = None,
+        *,
+        app: App | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.worker_id = worker_id
         self.retry = retry or RetryPolicy()
+        self.app = app if app is not None else load_app(None)
         self.sleep = sleep
 
+    def check(self, msg: wire.JobMessage) -> Task:
+        """The task a message asks for, or :class:`MisdeployedError` if this worker lacks it."""
+        app = self.app
+        if msg.app != app.name:
+            raise MisdeployedError(
+                f"batch {msg.batch_id} of run {msg.run_id!r} is for app {msg.app!r}; this "
+                f"worker runs app {app.name!r} ({app.spec or 'given'}): start it with --app "
+                "for that app"
+            )
+        if msg.task not in app.tasks:
+            raise MisdeployedError(
+                f"batch {msg.batch_id} of run {msg.run_id!r} asks for task {msg.task!r}, which "
+                f"app {app.name!r} here does not have (it has: {', '.join(app.tasks)})"
+            )
+        if msg.fingerprint != app.fingerprint:
+            raise MisdeployedError(
+                f"batch {msg.batch_id} of run {msg.run_id!r} was made by app {app.name!r} "
+                f"{msg.fingerprint}; this worker runs {app.fingerprint}: deploy the same code"
+            )
+        return app.get_task(msg.task)
+
     def handle(self, payload: bytes) -> Handled:
-        """Compute a job batch; raises :class:`DecodeError` for a message that is not one."""
-        batch = decode(payload, JobBatch)
-        task = TASKS.get(batch.task)
-        if task is None:
-            raise DecodeError(f"batch {batch.batch_id} names unknown task {batch.task!r}")
+        """Compute a job message; raises :class:`DecodeError` for bytes that are not one,
+        :class:`MisdeployedError` for a job of other code."""
+        msg = wire.decode_jobs(payload)
+        task = self.check(msg)
         faults.maybe_sleep()
-        results: list[JobResult] = []
-        failed = []
+        keys = msg.keys()
+        rows = pa.Table.from_batches([msg.table])
+        n = len(msg.jobs)
+        split = n == 1 and msg.jobs[0].parts > 1
+        outcome: list[Any] = [None] * n  # a result row, a state row, or a Failure
+        if not split and not faults.enabled() and task.vectorized_fn is not None:
+            try:
+                values = task.run_jobs(Jobs(keys=keys, rows=rows, offsets=msg.offsets))
+            except Exception as exc:  # find the failing job(s) one at a time
+                log.warning("batch %s: vectorized task failed (%r); job by job", msg.batch_id, exc)
+            else:
+                faults.crash_point("worker.after_compute")
+                return self._encode(msg, list(range(n)), keys, values, None, [], rows)
         first_failure = 0.0
         last_error: BaseException | None = None
-        for job in batch.jobs:
-            for attempt in range(1, self.retry.attempts + 1):
+        failed: list[wire.Failure] = []
+        for i, job in enumerate(msg.jobs):
+            key = _key_dict(keys, i)
+            part_rows = rows.slice(int(msg.offsets[i]), int(msg.offsets[i + 1] - msg.offsets[i]))
+            attempts = self.retry.attempts
+            for attempt in range(1, attempts + 1):
                 try:
-                    faults.maybe_fail_job(job.country, job.date_hour)
-                    results.append(task(job))
+                    faults.maybe_fail_job(key)
+                    if split:
+                        outcome[i] = task.part_state(part_rows)
+                    else:
+                        outcome[i] = task.run_one(key, part_rows)
                     break
                 except Exception as exc:
                     first_failure = first_failure or time.time()
                     last_error = exc
                     log.warning(
-                        "job %s (%s %s) failed, attempt %d/%d: %r",
+                        "job %s (%s) failed, attempt %d/%d: %r",
                         job.job_id,
-                        job.country,
-                        job.date_hour,
+                        key_text(key),
                         attempt,
-                        self.retry.attempts,
+                        attempts,
                         exc,
                     )
-                    if attempt < self.retry.attempts:
+                    if isinstance(exc, ResultError):
+                        break  # the same code gives the same wrong result: no retry
+                    if attempt < attempts:
                         self.sleep(compute_backoff(attempt, self.retry))
-            else:
-                failed.append(job)
+            if outcome[i] is None:
+                assert last_error is not None
+                failed.append(
+                    wire.Failure(
+                        job_id=job.job_id,
+                        part=job.part,
+                        parts=job.parts,
+                        error_class=type(last_error).__name__,
+                        error=str(last_error)[:500],
+                        attempts=attempt,
+                        first_failure=first_failure,
+                    )
+                )
         faults.crash_point("worker.after_compute")
-        result = encode(
-            ResultBatch(
-                v=SCHEMA_VERSION,
-                run_id=batch.run_id,
-                batch_id=batch.batch_id,
-                worker=self.worker_id,
-                results=results,
+        done = [i for i in range(n) if outcome[i] is not None]
+        if split:
+            state_schema = task.combine.schema if task.combine is not None else None
+            states = (
+                pa.Table.from_pylist([outcome[i] for i in done], schema=state_schema)
+                if state_schema is not None
+                else None
             )
+            values = None
+        else:
+            values = pa.Table.from_pylist([outcome[i] for i in done], schema=task.result)
+            states = None
+        done_keys = keys.take(pa.array(done, pa.int64()))
+        return self._encode(msg, done, done_keys, values, states, failed, rows)
+
+    def _encode(
+        self,
+        msg: wire.JobMessage,
+        done: list[int],
+        keys: pa.Table,
+        values: pa.Table | None,
+        states: pa.Table | None,
+        failed: list[wire.Failure],
+        rows: pa.Table,
+    ) -> Handled:
+        """The result message of the jobs ``done``, and a dead letter of the others."""
+        jobs = [msg.jobs[i] for i in done]
+        entries = [wire.ResultEntry(j.job_id, j.part, j.parts, state=j.parts > 1) for j in jobs]
+        result = wire.encode_results(
+            run_id=msg.run_id,
+            batch_id=msg.batch_id,
+            worker=self.worker_id,
+            app=msg.app,
+            task=msg.task,
+            fingerprint=msg.fingerprint,
+            results=entries,
+            keys=keys,
+            values=values,
+            states=states,
+            failed=failed,
         )
         if not failed:
-            return Handled(result=result, jobs=len(results))
-        assert last_error is not None
-        dead = encode(
-            JobBatch(
-                v=SCHEMA_VERSION,
-                run_id=batch.run_id,
-                batch_id=batch.batch_id + ".failed",
-                task=batch.task,
-                jobs=failed,
-            )
+            return Handled(result=result, jobs=len(entries))
+        dead = [i for i in range(len(msg.jobs)) if i not in set(done)]
+        at, moved, slices = 0, [], []
+        for i in dead:
+            j = msg.jobs[i]
+            a, b = int(msg.offsets[i]), int(msg.offsets[i + 1])
+            slices.append(rows.slice(a, b - a))
+            moved.append(wire.JobEntry(j.job_id, j.part, j.parts, at, at + b - a, j.key))
+            at += b - a
+        dead_payload = wire.encode_jobs(
+            run_id=msg.run_id,
+            batch_id=msg.batch_id + ".failed",
+            app=msg.app,
+            task=msg.task,
+            fingerprint=msg.fingerprint,
+            key_names=msg.key_names,
+            key_types=msg.key_types,
+            jobs=moved,
+            table=pa.concat_tables(slices),
         )
+        last = failed[-1]
         return Handled(
             result=result,
-            jobs=len(results),
-            failed=dead,
+            jobs=len(entries),
+            failed=dead_payload,
             rejection=Rejection(
-                error_class=type(last_error).__name__,
-                error=str(last_error)[:500],
-                attempts=self.retry.attempts,
-                first_failure=first_failure,
+                error_class=last.error_class,
+                error=last.error,
+                attempts=last.attempts,
+                first_failure=min(f.first_failure for f in failed),
             ),
         )
+
+
+def _key_dict(keys: pa.Table, i: int) -> dict[str, Any]:
+    return {name: keys.column(name)[i].as_py() for name in keys.column_names}
 
 
 def run(
@@ -182,7 +278,9 @@ def _handle_one(source: JobSource, worker: Worker, delivery: Delivery, stats: Wo
         source.reject(delivery, Rejection("DecodeError", str(exc)[:500], 1, time.time()))
         stats.rejected += 1
         return
-    except DispatchkitError as exc:  # pragma: no cover - handle() raises only DecodeError
+    except MisdeployedError:
+        raise  # leave the job for a worker with the right code
+    except DispatchkitError as exc:  # pragma: no cover - handle() raises only these
         raise TaskError(str(exc)) from exc
     failed = None
     if handled.failed is not None and handled.rejection is not None:

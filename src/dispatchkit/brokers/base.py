@@ -8,7 +8,7 @@ Two sides, two small interfaces:
   encoded result (the result becomes durable and the job consumed, as one step), or
   reject it to the dead letters, close.
 
-Payloads are the encoded messages of :mod:`dispatchkit.message`, so every transport
+Payloads are the encoded messages of :mod:`dispatchkit.wire`, so every transport
 carries the same bytes. The dispatcher, the worker loop and the tasks never import a
 concrete broker.
 """
@@ -18,9 +18,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from dispatchkit.message import JobBatch, Manifest, ResultBatch
+from dispatchkit.message import Manifest
+
+if TYPE_CHECKING:
+    from dispatchkit.dispatcher import Outgoing
+    from dispatchkit.wire import ResultMessage
 
 T = TypeVar("T")
 
@@ -54,16 +58,16 @@ class Broker(ABC):
         """Announce a run before its jobs are published."""
 
     @abstractmethod
-    def publish(self, batch: JobBatch) -> None:
-        """Send one job batch; may block for back-pressure, never drops it."""
+    def publish(self, message: Outgoing) -> None:
+        """Send one job message; may block for back-pressure, never drops it."""
 
     @abstractmethod
     def close_run(self, manifest: Manifest) -> None:
         """Record the run's final totals once every batch is published and delivered."""
 
     @abstractmethod
-    def results(self, timeout: float) -> list[ResultBatch]:
-        """Result batches that arrived, waiting up to ``timeout`` seconds for the first."""
+    def results(self, timeout: float) -> list[ResultMessage]:
+        """Result messages that arrived, waiting up to ``timeout`` seconds for the first."""
 
     @abstractmethod
     def commit_results(self) -> None:

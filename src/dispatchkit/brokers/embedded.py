@@ -26,15 +26,20 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from dispatchkit import procs
+from dispatchkit.app import load_app
 from dispatchkit.brokers.base import Broker, Delivery, JobSource, Rejection
 from dispatchkit.errors import BrokerError
-from dispatchkit.message import JobBatch, Manifest, ResultBatch, decode, encode
+from dispatchkit.message import Manifest
+from dispatchkit.wire import ResultMessage, decode_results
 from dispatchkit.worker import RetryPolicy, Worker, run
+
+if TYPE_CHECKING:
+    from dispatchkit.dispatcher import Outgoing
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +78,23 @@ class _Slot:
 class EmbeddedBroker(Broker):
     """Runs ``workers`` worker processes and feeds them over pipes."""
 
-    def __init__(self, workers: int, *, credit: int = 4, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        workers: int,
+        *,
+        app: str | None = None,
+        credit: int = 4,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
+        self.app = app  # the import path each worker process loads the app by
         self.n_workers = workers
         self.credit = credit
         self.retry = retry or RetryPolicy()
         self._ctx = mp.get_context("spawn")
         self._slots: list[_Slot] = []
-        self._results: deque[ResultBatch] = deque()
+        self._results: deque[ResultMessage] = deque()
         self.dead_letters: list[DeadLetter] = []
         self.restarts = 0
         self.batches_sent = 0
@@ -97,7 +110,7 @@ class EmbeddedBroker(Broker):
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(child, f"embedded-{index}", self.retry, os.getpid()),
+            args=(child, f"embedded-{index}", self.retry, os.getpid(), self.app),
             name=f"dispatchkit-worker-{index}",
             daemon=True,
         )
@@ -131,9 +144,9 @@ class EmbeddedBroker(Broker):
     def close_run(self, manifest: Manifest) -> None:
         """Nothing to record: the store holds the embedded run's ledger."""
 
-    def publish(self, batch: JobBatch) -> None:
+    def publish(self, message: Outgoing) -> None:
         self.start()
-        payload = encode(batch)
+        payload = message.payload
         while True:
             free = [s for s in self._slots if len(s.outstanding) < self.credit]
             if free:
@@ -144,7 +157,7 @@ class EmbeddedBroker(Broker):
                 return
             self._pump(timeout=1.0)
 
-    def results(self, timeout: float) -> list[ResultBatch]:
+    def results(self, timeout: float) -> list[ResultMessage]:
         if not self._results and self.outstanding:
             self._pump(timeout)
         out = list(self._results)
@@ -193,7 +206,7 @@ class EmbeddedBroker(Broker):
             if slot.outstanding:
                 slot.outstanding.popleft()
             if reply.result is not None:
-                result = decode(reply.result, ResultBatch)
+                result = decode_results(reply.result)
                 if result.results:
                     self._results.append(result)
             if reply.dead is not None:
@@ -272,9 +285,11 @@ class _PipeSource(JobSource):
         self.conn.close()
 
 
-def _worker_main(conn: Connection, worker_id: str, retry: RetryPolicy, parent: int) -> None:
+def _worker_main(
+    conn: Connection, worker_id: str, retry: RetryPolicy, parent: int, app: str | None
+) -> None:
     procs.die_with_parent(parent)
     procs.child_signals()  # Ctrl-C is the parent's; SIGTERM (the parent died) ends us
     source = _PipeSource(conn)
-    worker = Worker(f"{worker_id}:{os.getpid()}", retry)
+    worker = Worker(f"{worker_id}:{os.getpid()}", retry, app=load_app(app))
     run(source, worker, should_stop=lambda: source.closed or procs.orphaned(), burst=True)
