@@ -22,12 +22,12 @@ from confluent_kafka import Consumer, TopicPartition
 
 from dispatchkit import faults
 from dispatchkit.brokers.kafka import H_RUN, KafkaBroker, headers_of, scan
+from dispatchkit.cli.progress import Bars
 from dispatchkit.config import KafkaSettings
 from dispatchkit.dispatcher import iso_hour
 from dispatchkit.errors import BrokerError, FatalBrokerError, RunError
 from dispatchkit.message import JobBatch, Manifest, ResultBatch, decode
 from dispatchkit.outdir import holds_out_dir
-from dispatchkit.progress import Bars
 from dispatchkit.runner import STORE_NAME, RunSummary, finish
 from dispatchkit.store import ResultStore
 

@@ -29,13 +29,13 @@ from dispatchkit import faults, outdir, procs
 from dispatchkit.brokers.kafka import KafkaBroker
 from dispatchkit.brokers.kafka_worker import KafkaJobSource, default_worker_id
 from dispatchkit.claim import HEARTBEAT_SECONDS, Holding, describe, holder_of, is_alive, new_owner
+from dispatchkit.cli.progress import Bars
 from dispatchkit.collector import collect, collector_group, dead_jobs, status, worker_group
 from dispatchkit.config import KafkaSettings, Secret
 from dispatchkit.dispatcher import Dispatcher
 from dispatchkit.errors import RunError
 from dispatchkit.identity import check_identity
 from dispatchkit.message import SCHEMA_VERSION, Manifest
-from dispatchkit.progress import Bars
 from dispatchkit.runner import RunSpec, RunSummary, prepare, prepare_run_id
 from dispatchkit.worker import RetryPolicy, Worker, WorkerStats, run
 

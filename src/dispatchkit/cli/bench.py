@@ -1,4 +1,4 @@
-"""The ``bench`` subcommand (registered by cli.py): parse, build a BenchConfig, run it."""
+"""The ``bench`` subcommand (registered by :mod:`dispatchkit.cli`): flags to a config, run."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dispatchkit.cli.args import kafka_settings_from_args, positive_int
+from dispatchkit.cli.progress import Bars
 from dispatchkit.errors import RET_OK
-from dispatchkit.progress import Bars
 
 if TYPE_CHECKING:
     from dispatchkit.bench import BenchConfig
@@ -64,8 +65,6 @@ def _names(text: str) -> tuple[str, ...]:
 
 def register(add: Add, kafka_flags: Flags) -> None:
     """Add ``dispatchkit bench``; see :mod:`dispatchkit.bench`."""
-    from dispatchkit.cli import _positive_int
-
     b = add(
         "bench",
         "benchmark pandas, a Polars floor, dispatchkit embedded and on Kafka on one input",
@@ -77,12 +76,12 @@ def register(add: Add, kafka_flags: Flags) -> None:
     # to options whose default depends on --quick.
     b.add_argument(
         "--rows",
-        type=_positive_int,
+        type=positive_int,
         help="rows of the main input (default: 2000000; 20000 with --quick)%(default).0s",
     )
     b.add_argument(
         "--repeats",
-        type=_positive_int,
+        type=positive_int,
         help="runs of every variant (default: 3; 1 with --quick)%(default).0s",
     )
     b.add_argument("--workers", type=_counts, default="1,2", help="embedded worker counts")
@@ -118,7 +117,7 @@ def register(add: Add, kafka_flags: Flags) -> None:
         help="also compare peak memory at this many rows, once (e.g. 20000000; slow)",
     )
     b.add_argument(
-        "--memory-workers", type=_positive_int, default=2, help="embedded workers at scale"
+        "--memory-workers", type=positive_int, default=2, help="embedded workers at scale"
     )
     b.add_argument(
         "--sections",
@@ -136,7 +135,6 @@ def register(add: Add, kafka_flags: Flags) -> None:
 
 def cmd_bench(args: argparse.Namespace, bars: Bars) -> int:
     from dispatchkit.bench import BenchConfig, run_benchmarks
-    from dispatchkit.config import kafka_settings_from_args
 
     settings = None
     if args.kafka and (
