@@ -21,8 +21,8 @@ written by :meth:`ResultStore.flush`; callers commit their input only after a fl
 
 from __future__ import annotations
 
-import time
 import contextlib
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
