@@ -43,7 +43,7 @@ import polars as pl
 
 from dispatchkit.bench_kafka import KafkaTarget, kafka_target
 from dispatchkit.bench_measure import measure
-from dispatchkit.config import KafkaSettings
+from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.errors import RunError, UsageError
 from dispatchkit.task import get_task
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dispatchkit.bench_variants import Outcome, require_complete, run_spec_of, settings_of
-from dispatchkit.config import KafkaSettings
+from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.errors import RunError, UsageError
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ def kafka_warm(spec: dict[str, Any]) -> Outcome:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    from dispatchkit.brokers.kafka import ensure_topics
+    from dispatchkit.brokers.kafka.broker import ensure_topics
     from dispatchkit.kafka_run import collect, dispatch, spawn_worker, worker_group
 
     settings = settings_of(spec)
@@ -257,7 +257,7 @@ def worker_rates(spec: dict[str, Any], run_id: str) -> list[float]:
     when the worker produced it), so start-up and group joining are left out; the jobs
     of its first batch, finished before the span opens, are left out too.
     """
-    from dispatchkit.brokers.kafka import H_RUN, headers_of, scan
+    from dispatchkit.brokers.kafka.broker import H_RUN, headers_of, scan
     from dispatchkit.message import ResultBatch, decode
 
     settings = settings_of(spec)

@@ -136,7 +136,7 @@ def run_spec_of(spec: dict[str, Any]) -> Any:
 
 
 def settings_of(spec: dict[str, Any]) -> Any:
-    from dispatchkit.config import load_settings
+    from dispatchkit.brokers.kafka.settings import load_settings
 
     # Servers and librdkafka options come in the environment, as workers get them.
     return load_settings(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from datetime import UTC, datetime
 
-from dispatchkit.config import KafkaSettings, load_settings
+from dispatchkit.brokers.kafka.settings import KafkaSettings, load_settings
 
 
 def iso_date(text: str) -> datetime:
