@@ -16,7 +16,7 @@ import pytest
 
 from dispatchkit import bench
 from dispatchkit.bench import compare_results
-from dispatchkit.bench_measure import measure
+from dispatchkit.bench.measure import measure
 from dispatchkit.cli import bench as bench_cli
 from dispatchkit.cli import main
 from dispatchkit.errors import RunError

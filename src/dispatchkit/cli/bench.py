@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from dispatchkit.cli.args import kafka_settings_from_args, positive_int
 from dispatchkit.cli.progress import Bars
-from dispatchkit.errors import RET_OK
+from dispatchkit.errors import RET_OK, UsageError
 
 if TYPE_CHECKING:
     from dispatchkit.bench import BenchConfig
@@ -134,6 +135,11 @@ def register(add: Add, kafka_flags: Flags) -> None:
 
 
 def cmd_bench(args: argparse.Namespace, bars: Bars) -> int:
+    missing = [m for m in ("pandas", "psutil") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(
+            f"dispatchkit bench needs {' and '.join(missing)}: pip install 'dispatchkit[bench]'"
+        )
     from dispatchkit.bench import BenchConfig, run_benchmarks
 
     settings = None

@@ -3,7 +3,7 @@
 Parent side: :func:`kafka_target` yields the broker — the one given, or a local one
 started with ``scripts/kafka`` (instance ``bench``, port 45092) and stopped afterwards.
 
-Child side (run by :mod:`dispatchkit.bench_variants`, one process per run, a fresh topic
+Child side (run by :mod:`dispatchkit.bench.variants`, one process per run, a fresh topic
 prefix each time; the topics are deleted afterwards):
 
 ``kafka``        :func:`dispatchkit.kafka_run.run_kafka` — what ``dispatchkit run --broker
@@ -31,15 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dispatchkit.bench_variants import Outcome, require_complete, run_spec_of, settings_of
+from dispatchkit.bench.variants import Outcome, require_complete, run_spec_of, settings_of
 from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.errors import RunError, UsageError
 
 if TYPE_CHECKING:
-    from dispatchkit.bench import BenchConfig
+    from dispatchkit.bench.runner import BenchConfig
 
 BROKER_NAME, BROKER_PORT = "bench", 45092
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 # -- the broker (parent side) ------------------------------------------------------------
