@@ -39,7 +39,9 @@ if TYPE_CHECKING:
     from dispatchkit.bench.runner import BenchConfig
 
 BROKER_NAME, BROKER_PORT = "bench", 45092
-REPO = Path(__file__).resolve().parents[3]
+#: The broker launcher of a source checkout, found from its root (the working directory):
+#: an installed package has none and needs a broker given with -b.
+SCRIPTS = Path("scripts")
 
 
 # -- the broker (parent side) ------------------------------------------------------------
@@ -67,11 +69,11 @@ def kafka_target(config: BenchConfig, say: Callable[[str], None]) -> Iterator[Ka
         s = config.kafka_settings
         yield KafkaTarget(s, None, f"{s.bootstrap_servers} (given; broker memory not measured)")
         return
-    script = REPO / "scripts" / "kafka"
+    script = SCRIPTS.resolve() / "kafka"
     if not script.is_file():
         raise UsageError(
             "no Kafka broker: give --bootstrap-servers (or DISPATCHKIT_BOOTSTRAP_SERVERS), "
-            "or --no-kafka (scripts/kafka is only in a source checkout)"
+            "or --no-kafka (scripts/kafka starts one from the root of a source checkout)"
         )
     name = ["--name", BROKER_NAME]
     running = subprocess.run([str(script), "status", *name], capture_output=True).returncode == 0
@@ -86,7 +88,7 @@ def kafka_target(config: BenchConfig, say: Callable[[str], None]) -> Iterator[Ka
     settings = KafkaSettings(
         servers, topic_prefix=config.topic_prefix, partitions=config.partitions
     )
-    version = _kafka_version()
+    version = _kafka_version(script.parent / "kafka-pom.xml")
     try:
         yield KafkaTarget(
             settings,
@@ -98,8 +100,7 @@ def kafka_target(config: BenchConfig, say: Callable[[str], None]) -> Iterator[Ka
             subprocess.run([str(script), "stop", *name, "--purge"], capture_output=True)
 
 
-def _kafka_version() -> str:
-    pom = REPO / "scripts" / "kafka-pom.xml"
+def _kafka_version(pom: Path) -> str:
     text = pom.read_text() if pom.is_file() else ""
     start = text.find("<kafka.version>")
     if start < 0:

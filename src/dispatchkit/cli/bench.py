@@ -33,7 +33,8 @@ EXAMPLES = """examples:
   dispatchkit bench -b 127.0.0.1:9092 --partitions 24   # an existing cluster
 
 Without -b (or $DISPATCHKIT_BOOTSTRAP_SERVERS) the Kafka variants start a local broker
-with scripts/kafka (instance 'bench', port 45092) and stop it afterwards.
+with scripts/kafka (instance 'bench', port 45092) and stop it afterwards; that needs the
+root of a source checkout as the working directory.
 Writes bench.json, bench.md and bench.png (plus bench-heavy.png, bench-memory.png).
 """
 
