@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 
 from dispatchkit import faults
 from dispatchkit.brokers.base import Broker
+from dispatchkit.cli.progress import Bars
 from dispatchkit.dispatcher import DEFAULT_MAX_MESSAGE_BYTES, Dispatcher, iso_hour
 from dispatchkit.errors import InputError, RunError
 from dispatchkit.identity import run_identity
 from dispatchkit.message import JobBatch, decode
 from dispatchkit.outdir import holds_out_dir
-from dispatchkit.progress import Bars
 from dispatchkit.reader import InputReader, RowCounts, fingerprint, resolve_inputs
 from dispatchkit.schema import DEFAULT_END, DEFAULT_START
 from dispatchkit.store import ResultStore, RunRecord, write_results
