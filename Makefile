@@ -29,6 +29,7 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/dispatchkit bench --out bench-out
@@ -40,4 +41,4 @@ kafka-stop:
 	scripts/kafka stop
 
 clean:
-	rm -rf out bench-out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf out bench-out .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dispatchkit.bench_measure import Measurement, measure
+from dispatchkit.bench.measure import Measurement, measure
 
 GiB_MB = 2**30 / 1e6
 

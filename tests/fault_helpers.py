@@ -28,7 +28,7 @@ import duckdb
 import msgpack
 import polars as pl
 
-from dispatchkit.config import KafkaSettings
+from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.generator import DEFAULT_COUNTRIES, GenerateSpec, generate
 from dispatchkit.runner import STORE_NAME
 

@@ -16,7 +16,7 @@ import msgpack
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from dispatchkit.config import KafkaSettings
+from dispatchkit.brokers.kafka.settings import KafkaSettings
 
 from .conftest import IN_CI
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import dispatchkit
-from dispatchkit.config import Secret, load_settings
+from dispatchkit.brokers.kafka.settings import Secret, load_settings
 from dispatchkit.errors import UsageError
 from dispatchkit.worker import RetryPolicy, compute_backoff
 

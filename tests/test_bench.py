@@ -14,9 +14,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from dispatchkit import bench, bench_cli
+from dispatchkit import bench
 from dispatchkit.bench import compare_results
-from dispatchkit.bench_measure import measure
+from dispatchkit.bench.measure import measure
+from dispatchkit.cli import bench as bench_cli
 from dispatchkit.cli import main
 from dispatchkit.errors import RunError
 

@@ -23,8 +23,8 @@ from confluent_kafka import Consumer, KafkaError, Producer
 from confluent_kafka.admin import AdminClient, NewPartitions  # type: ignore[attr-defined]
 
 from dispatchkit import cli
-from dispatchkit.brokers.kafka import KafkaBroker, consumer_error, ensure_topics, is_fatal
-from dispatchkit.config import KafkaSettings
+from dispatchkit.brokers.kafka.broker import KafkaBroker, consumer_error, ensure_topics, is_fatal
+from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.errors import RET_BROKER, FatalBrokerError
 from dispatchkit.kafka_run import collect, dispatch
 from dispatchkit.runner import STORE_NAME, RunSpec, RunSummary

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 from confluent_kafka import Producer
 
-from dispatchkit.brokers.kafka import ensure_topics
+from dispatchkit.brokers.kafka.broker import ensure_topics
 from dispatchkit.dlq import list_dead, replay
 from dispatchkit.kafka_run import collect, dispatch
 from dispatchkit.runner import RunSpec

@@ -31,7 +31,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from dispatchkit.config import KafkaSettings
+from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.kafka_run import collect, dispatch, worker_group
 from dispatchkit.runner import RunSpec, RunSummary, run_embedded
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatchkit.brokers.kafka import KafkaBroker
+from dispatchkit.brokers.kafka.broker import KafkaBroker
 from dispatchkit.errors import RunError
 from dispatchkit.kafka_run import dispatch
 from dispatchkit.message import SCHEMA_VERSION, Manifest

@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dispatchkit.bench_chart import plot_benchmark
+from dispatchkit.bench.chart import plot_benchmark
 from dispatchkit.report import (
     DEFAULT_TITLE,
     daily_rates,

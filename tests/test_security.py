@@ -12,8 +12,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from dispatchkit.brokers.kafka.settings import Secret, load_settings, redact
 from dispatchkit.cli import build_parser
-from dispatchkit.config import Secret, load_settings, redact
 from dispatchkit.errors import UsageError
 
 from .conftest import IN_CI, assert_exact, reference

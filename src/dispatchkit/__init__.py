@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     )
     from dispatchkit.brokers.base import Broker, Delivery, JobSource, Rejection
     from dispatchkit.brokers.embedded import EmbeddedBroker
-    from dispatchkit.config import KafkaSettings, Secret, load_settings
+    from dispatchkit.brokers.kafka.settings import KafkaSettings, Secret, load_settings
     from dispatchkit.dispatcher import Dispatcher, job_id
     from dispatchkit.errors import (
         BrokerError,
@@ -81,7 +81,7 @@ _LAZY: dict[str, str] = {
     "JobBatch": "dispatchkit.message",
     "JobResult": "dispatchkit.message",
     "JobSource": "dispatchkit.brokers.base",
-    "KafkaSettings": "dispatchkit.config",
+    "KafkaSettings": "dispatchkit.brokers.kafka.settings",
     "Manifest": "dispatchkit.message",
     "Rejection": "dispatchkit.brokers.base",
     "ResultBatch": "dispatchkit.message",
@@ -90,7 +90,7 @@ _LAZY: dict[str, str] = {
     "RunError": "dispatchkit.errors",
     "RunSpec": "dispatchkit.runner",
     "RunSummary": "dispatchkit.runner",
-    "Secret": "dispatchkit.config",
+    "Secret": "dispatchkit.brokers.kafka.settings",
     "TASKS": "dispatchkit.task",
     "Task": "dispatchkit.task",
     "UsageError": "dispatchkit.errors",
@@ -99,7 +99,7 @@ _LAZY: dict[str, str] = {
     "encode": "dispatchkit.message",
     "generate": "dispatchkit.generator",
     "job_id": "dispatchkit.dispatcher",
-    "load_settings": "dispatchkit.config",
+    "load_settings": "dispatchkit.brokers.kafka.settings",
     "positive_rate": "dispatchkit.task",
     "run_embedded": "dispatchkit.runner",
 }

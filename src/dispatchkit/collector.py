@@ -21,14 +21,14 @@ from pathlib import Path
 from confluent_kafka import Consumer, TopicPartition
 
 from dispatchkit import faults
-from dispatchkit.brokers.kafka import H_RUN, KafkaBroker, headers_of, scan
-from dispatchkit.config import KafkaSettings
+from dispatchkit.brokers.kafka.broker import H_RUN, KafkaBroker, headers_of, scan
+from dispatchkit.brokers.kafka.settings import KafkaSettings
+from dispatchkit.cli.progress import Bars
 from dispatchkit.dispatcher import iso_hour
 from dispatchkit.errors import BrokerError, FatalBrokerError, RunError
 from dispatchkit.identity import check_identity
 from dispatchkit.message import JobBatch, Manifest, ResultBatch, decode
 from dispatchkit.outdir import holds_out_dir
-from dispatchkit.progress import Bars
 from dispatchkit.runner import STORE_NAME, RunSummary, finish
 from dispatchkit.store import ResultStore
 

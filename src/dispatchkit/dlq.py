@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from dispatchkit.brokers.kafka import H_BATCH, H_RUN, KafkaBroker, headers_of, scan
-from dispatchkit.config import KafkaSettings
+from dispatchkit.brokers.kafka.broker import H_BATCH, H_RUN, KafkaBroker, headers_of, scan
+from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.dispatcher import iso_hour
 from dispatchkit.errors import DecodeError
 from dispatchkit.message import SCHEMA_VERSION, Job, JobBatch, ResultBatch, decode

@@ -26,16 +26,16 @@ from types import FrameType
 import msgspec
 
 from dispatchkit import faults, outdir, procs
-from dispatchkit.brokers.kafka import KafkaBroker
-from dispatchkit.brokers.kafka_worker import KafkaJobSource, default_worker_id
+from dispatchkit.brokers.kafka.broker import KafkaBroker
+from dispatchkit.brokers.kafka.settings import KafkaSettings, Secret
+from dispatchkit.brokers.kafka.source import KafkaJobSource, default_worker_id
 from dispatchkit.claim import HEARTBEAT_SECONDS, Holding, describe, holder_of, is_alive, new_owner
+from dispatchkit.cli.progress import Bars
 from dispatchkit.collector import collect, collector_group, dead_jobs, status, worker_group
-from dispatchkit.config import KafkaSettings, Secret
 from dispatchkit.dispatcher import Dispatcher
 from dispatchkit.errors import RunError
 from dispatchkit.identity import check_identity
 from dispatchkit.message import SCHEMA_VERSION, Manifest
-from dispatchkit.progress import Bars
 from dispatchkit.reader import fingerprint, resolve_inputs
 from dispatchkit.runner import RunSpec, RunSummary, prepare, prepare_run_id, spec_identity
 from dispatchkit.worker import RetryPolicy, Worker, WorkerStats, run
@@ -391,7 +391,7 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) 
     """Dispatcher, ``spec.workers`` worker processes and the collector, on one machine."""
     bars = bars or Bars(enabled=False)
     t0 = time.perf_counter()
-    from dispatchkit.brokers.kafka import ensure_topics
+    from dispatchkit.brokers.kafka.broker import ensure_topics
 
     ensure_topics(settings)
     extra = ("--attempts", str(spec.retry.attempts))

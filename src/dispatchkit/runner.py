@@ -22,12 +22,12 @@ import pyarrow as pa
 from dispatchkit import faults
 from dispatchkit.app import App, Task, Timestamp, load_app
 from dispatchkit.brokers.base import Broker
+from dispatchkit.cli.progress import Bars
 from dispatchkit.dispatcher import DEFAULT_MAX_MESSAGE_BYTES, Dispatcher, too_big_message
 from dispatchkit.errors import DecodeError, InputError, RunError, UsageError
 from dispatchkit.identity import run_identity
 from dispatchkit.keys import key_text
 from dispatchkit.outdir import holds_out_dir
-from dispatchkit.progress import Bars
 from dispatchkit.reader import InputReader, RowCounts, fingerprint, resolve_inputs
 from dispatchkit.store import ResultStore, RunRecord, write_results
 from dispatchkit.wire import JobMessage, decode_jobs

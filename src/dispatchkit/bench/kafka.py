@@ -3,7 +3,7 @@
 Parent side: :func:`kafka_target` yields the broker — the one given, or a local one
 started with ``scripts/kafka`` (instance ``bench``, port 45092) and stopped afterwards.
 
-Child side (run by :mod:`dispatchkit.bench_variants`, one process per run, a fresh topic
+Child side (run by :mod:`dispatchkit.bench.variants`, one process per run, a fresh topic
 prefix each time; the topics are deleted afterwards):
 
 ``kafka``        :func:`dispatchkit.kafka_run.run_kafka` — what ``dispatchkit run --broker
@@ -31,15 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dispatchkit.bench_variants import Outcome, require_complete, run_spec_of, settings_of
-from dispatchkit.config import KafkaSettings
+from dispatchkit.bench.variants import Outcome, require_complete, run_spec_of, settings_of
+from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.errors import RunError, UsageError
 
 if TYPE_CHECKING:
-    from dispatchkit.bench import BenchConfig
+    from dispatchkit.bench.runner import BenchConfig
 
 BROKER_NAME, BROKER_PORT = "bench", 45092
-REPO = Path(__file__).resolve().parents[2]
+#: The broker launcher of a source checkout, found from its root (the working directory):
+#: an installed package has none and needs a broker given with -b.
+SCRIPTS = Path("scripts")
 
 
 # -- the broker (parent side) ------------------------------------------------------------
@@ -67,11 +69,11 @@ def kafka_target(config: BenchConfig, say: Callable[[str], None]) -> Iterator[Ka
         s = config.kafka_settings
         yield KafkaTarget(s, None, f"{s.bootstrap_servers} (given; broker memory not measured)")
         return
-    script = REPO / "scripts" / "kafka"
+    script = SCRIPTS.resolve() / "kafka"
     if not script.is_file():
         raise UsageError(
             "no Kafka broker: give --bootstrap-servers (or DISPATCHKIT_BOOTSTRAP_SERVERS), "
-            "or --no-kafka (scripts/kafka is only in a source checkout)"
+            "or --no-kafka (scripts/kafka starts one from the root of a source checkout)"
         )
     name = ["--name", BROKER_NAME]
     running = subprocess.run([str(script), "status", *name], capture_output=True).returncode == 0
@@ -86,7 +88,7 @@ def kafka_target(config: BenchConfig, say: Callable[[str], None]) -> Iterator[Ka
     settings = KafkaSettings(
         servers, topic_prefix=config.topic_prefix, partitions=config.partitions
     )
-    version = _kafka_version()
+    version = _kafka_version(script.parent / "kafka-pom.xml")
     try:
         yield KafkaTarget(
             settings,
@@ -98,8 +100,7 @@ def kafka_target(config: BenchConfig, say: Callable[[str], None]) -> Iterator[Ka
             subprocess.run([str(script), "stop", *name, "--purge"], capture_output=True)
 
 
-def _kafka_version() -> str:
-    pom = REPO / "scripts" / "kafka-pom.xml"
+def _kafka_version(pom: Path) -> str:
     text = pom.read_text() if pom.is_file() else ""
     start = text.find("<kafka.version>")
     if start < 0:
@@ -161,7 +162,7 @@ def kafka_warm(spec: dict[str, Any]) -> Outcome:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    from dispatchkit.brokers.kafka import ensure_topics
+    from dispatchkit.brokers.kafka.broker import ensure_topics
     from dispatchkit.kafka_run import collect, dispatch, spawn_worker, worker_group
 
     settings = settings_of(spec)
@@ -257,7 +258,7 @@ def worker_rates(spec: dict[str, Any], run_id: str) -> list[float]:
     when the worker produced it), so start-up and group joining are left out; the jobs
     of its first batch, finished before the span opens, are left out too.
     """
-    from dispatchkit.brokers.kafka import H_RUN, headers_of, scan
+    from dispatchkit.brokers.kafka.broker import H_RUN, headers_of, scan
     from dispatchkit.message import ResultBatch, decode
 
     settings = settings_of(spec)

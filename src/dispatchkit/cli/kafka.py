@@ -1,4 +1,4 @@
-"""The Kafka subcommands: dispatch, worker, collect, status, dlq (registered by cli.py)."""
+"""The Kafka subcommands: dispatch, worker, collect, status, dlq (see :mod:`dispatchkit.cli`)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,15 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from dispatchkit.config import kafka_settings_from_args
+from dispatchkit.cli.args import iso_date, kafka_settings_from_args, positive_int
+from dispatchkit.cli.progress import Bars
 from dispatchkit.errors import RET_OK, UsageError
-from dispatchkit.progress import Bars
 
 Add = Callable[..., argparse.ArgumentParser]
 Flags = Callable[..., None]
 
 
 def register(add: Add, kafka_flags: Flags) -> None:
-    from dispatchkit.cli import _date, _positive_int
-
     d = add(
         "dispatch",
         "publish a run's manifest and jobs to Kafka",
@@ -28,12 +26,12 @@ def register(add: Add, kafka_flags: Flags) -> None:
     d.add_argument("--run-id", help="run id (default: derived from the input's content)")
     d.add_argument("--out", default="out", help="where quarantine files are written")
     d.add_argument("--task", default="positive-rate", help="positive-rate or beta-posterior")
-    d.add_argument("--start", type=_date, default=None, help="first valid test time (UTC)")
-    d.add_argument("--end", type=_date, default=None, help="end of valid test times (UTC)")
+    d.add_argument("--start", type=iso_date, default=None, help="first valid test time (UTC)")
+    d.add_argument("--end", type=iso_date, default=None, help="end of valid test times (UTC)")
     d.add_argument("--strict", action="store_true", help="fail on the first invalid row")
     d.add_argument(
         "--max-message-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=900_000,
         help="largest job batch message; bigger jobs are split into parts",
     )
@@ -55,7 +53,7 @@ def register(add: Add, kafka_flags: Flags) -> None:
     w.add_argument("--burst", action="store_true", help="exit once the jobs topic is drained")
     w.add_argument(
         "--attempts",
-        type=_positive_int,
+        type=positive_int,
         default=3,
         help="tries per failing job before it is dead-lettered",
     )
@@ -67,13 +65,13 @@ def register(add: Add, kafka_flags: Flags) -> None:
     )
     w.add_argument(
         "--session-timeout-ms",
-        type=_positive_int,
+        type=positive_int,
         default=10_000,
         help="classic protocol session timeout",
     )
     w.add_argument(
         "--max-poll-interval-ms",
-        type=_positive_int,
+        type=positive_int,
         default=300_000,
         help="librdkafka max.poll.interval.ms (long jobs poll while they run)",
     )
@@ -137,7 +135,7 @@ def _non_negative_float(text: str) -> float:
 
 
 def cmd_dispatch(args: argparse.Namespace, bars: Bars) -> int:
-    from dispatchkit.cli import check_message_bytes
+    from dispatchkit.cli.run import check_message_bytes
     from dispatchkit.kafka_run import dispatch
     from dispatchkit.runner import RunSpec
     from dispatchkit.schema import DEFAULT_END, DEFAULT_START
@@ -191,7 +189,7 @@ def cmd_worker(args: argparse.Namespace, bars: Bars) -> int:
 
 
 def cmd_collect(args: argparse.Namespace, bars: Bars) -> int:
-    from dispatchkit.cli import _print_summary
+    from dispatchkit.cli.run import print_summary
     from dispatchkit.collector import collect
 
     settings = kafka_settings_from_args(args)
@@ -205,7 +203,7 @@ def cmd_collect(args: argparse.Namespace, bars: Bars) -> int:
         wait_for_dispatch=args.wait_for_dispatch or None,
     )
     bars.__exit__(None, None, None)
-    _print_summary(args, summary)
+    print_summary(args, summary)
     return RET_OK if summary.status == "complete" else 1
 
 

@@ -34,7 +34,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from dispatchkit import faults
 from dispatchkit.brokers.base import Delivery, JobSource, Rejection
-from dispatchkit.brokers.kafka import (
+from dispatchkit.brokers.kafka.broker import (
     H_BATCH,
     H_KIND,
     H_RUN,
@@ -43,7 +43,7 @@ from dispatchkit.brokers.kafka import (
     ensure_topics,
     headers_of,
 )
-from dispatchkit.config import KafkaSettings
+from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.errors import BrokerError, FatalBrokerError
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The benchmark variants, each run by :mod:`dispatchkit.bench` in a process of its own.
 
-``python -m dispatchkit.bench_variants SPEC.json`` runs the variant the spec names and
+``python -m dispatchkit.bench.variants SPEC.json`` runs the variant the spec names and
 writes an :class:`Outcome` as JSON to the spec's ``outcome`` path. Libraries are imported
 before the clock starts; the clock stops once the results exist (in memory for the
 single-process variants, in ``results.parquet`` and the store for dispatchkit). Each
@@ -14,7 +14,7 @@ Variants:
                 ``apply`` calling the task's interval once per (country, hour);
 ``embedded``    :func:`dispatchkit.runner.run_embedded`;
 ``dispatcher``  read, validate, cut and encode job batches with no transport at all;
-``kafka*``      the variants on Kafka, in :mod:`dispatchkit.bench_kafka`.
+``kafka*``      the variants on Kafka, in :mod:`dispatchkit.bench.kafka`.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def run_spec_of(spec: dict[str, Any]) -> Any:
 
 
 def settings_of(spec: dict[str, Any]) -> Any:
-    from dispatchkit.config import load_settings
+    from dispatchkit.brokers.kafka.settings import load_settings
 
     # Servers and librdkafka options come in the environment, as workers get them.
     return load_settings(
@@ -212,7 +212,7 @@ def run_variant(spec: dict[str, Any]) -> Outcome:
         rows = int(pl.scan_parquet(spec["input"]).select(pl.len()).collect().item())
         return Outcome(name, wall, cpu, rows, df.height, phases, check=str(check))
     if name.startswith("kafka"):
-        from dispatchkit import bench_kafka
+        from dispatchkit.bench import kafka as bench_kafka
 
         variant = bench_kafka.VARIANTS[name]
     else:

@@ -14,14 +14,14 @@ Sections, each on its own generated input (cached under ``data_dir``):
 ``memory``      at ``memory_scale`` rows, once: peak memory of the pandas monolith
                 against dispatchkit embedded (off unless asked for: it takes minutes).
 
-Every variant runs in a process of its own (:mod:`dispatchkit.bench_variants`) that
-:func:`dispatchkit.bench_measure.measure` samples. Repeats are interleaved (round ``r``
+Every variant runs in a process of its own (:mod:`dispatchkit.bench.variants`) that
+:func:`dispatchkit.bench.measure.measure` samples. Repeats are interleaved (round ``r``
 runs every variant once) so a noisy neighbour slows all variants alike. Before a run
 counts, its ``(country, date_hour, tests, positives)`` must equal the floor's, row for
 row, or the benchmark stops with :class:`~dispatchkit.errors.RunError`.
 
 ``sections`` picks some of them. Without ``kafka_settings`` and with ``kafka`` on, a
-local broker is started (:mod:`dispatchkit.bench_kafka`); its JVM's memory and CPU are
+local broker is started (:mod:`dispatchkit.bench.kafka`); its JVM's memory and CPU are
 reported apart and never added to a variant's.
 """
 
@@ -41,9 +41,9 @@ from typing import Any
 
 import polars as pl
 
-from dispatchkit.bench_kafka import KafkaTarget, kafka_target
-from dispatchkit.bench_measure import measure
-from dispatchkit.config import KafkaSettings
+from dispatchkit.bench.kafka import KafkaTarget, kafka_target
+from dispatchkit.bench.measure import measure
+from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.errors import RunError, UsageError
 from dispatchkit.task import get_task
 
@@ -128,7 +128,7 @@ class _State:
 
 def run_benchmarks(config: BenchConfig, say: Callable[[str], None] | None = None) -> list[Row]:
     """Run every section ``config`` asks for; write bench.json/.md/.png; return the rows."""
-    from dispatchkit.bench_report import code_version, machine, write_outputs
+    from dispatchkit.bench.tables import code_version, machine, write_outputs
 
     config.check()
     config.out.mkdir(parents=True, exist_ok=True)
@@ -259,7 +259,7 @@ def _run_once(state: _State, plan: Plan, repeat: int) -> Row:
         extra = [state.kafka.broker_pid] if state.kafka.broker_pid else []
     (base / "spec.json").write_text(json.dumps(spec, indent=1))
     log = base / "log.txt"
-    cmd = [sys.executable, "-m", "dispatchkit.bench_variants", str(base / "spec.json")]
+    cmd = [sys.executable, "-m", "dispatchkit.bench.variants", str(base / "spec.json")]
     m = measure(cmd, env=env, log=log, extra_pids=extra)
     if m.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-12:]

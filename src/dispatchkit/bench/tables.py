@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dispatchkit import __version__
-from dispatchkit.bench_chart import plot_benchmark
+from dispatchkit.bench.chart import plot_benchmark
 
 if TYPE_CHECKING:
-    from dispatchkit.bench import BenchConfig
+    from dispatchkit.bench.runner import BenchConfig
 
 Row = dict[str, Any]
 
@@ -64,7 +64,7 @@ def machine(kafka: str) -> dict[str, str]:
 
 def code_version() -> str:
     """The git commit measured, ``+dirty`` if the package has uncommitted changes."""
-    src = Path(__file__).resolve().parent
+    src = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(
             ["git", "-C", str(src), "rev-parse", "--short", "HEAD"],

@@ -1,17 +1,19 @@
-"""The ``bench`` subcommand (registered by cli.py): parse, build a BenchConfig, run it."""
+"""The ``bench`` subcommand (registered by :mod:`dispatchkit.cli`): flags to a config, run."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dispatchkit.errors import RET_OK
-from dispatchkit.progress import Bars
+from dispatchkit.cli.args import kafka_settings_from_args, positive_int
+from dispatchkit.cli.progress import Bars
+from dispatchkit.errors import RET_OK, UsageError
 
 if TYPE_CHECKING:
     from dispatchkit.bench import BenchConfig
@@ -31,7 +33,8 @@ EXAMPLES = """examples:
   dispatchkit bench -b 127.0.0.1:9092 --partitions 24   # an existing cluster
 
 Without -b (or $DISPATCHKIT_BOOTSTRAP_SERVERS) the Kafka variants start a local broker
-with scripts/kafka (instance 'bench', port 45092) and stop it afterwards.
+with scripts/kafka (instance 'bench', port 45092) and stop it afterwards; that needs the
+root of a source checkout as the working directory.
 Writes bench.json, bench.md and bench.png (plus bench-heavy.png, bench-memory.png).
 """
 
@@ -64,8 +67,6 @@ def _names(text: str) -> tuple[str, ...]:
 
 def register(add: Add, kafka_flags: Flags) -> None:
     """Add ``dispatchkit bench``; see :mod:`dispatchkit.bench`."""
-    from dispatchkit.cli import _positive_int
-
     b = add(
         "bench",
         "benchmark pandas, a Polars floor, dispatchkit embedded and on Kafka on one input",
@@ -77,12 +78,12 @@ def register(add: Add, kafka_flags: Flags) -> None:
     # to options whose default depends on --quick.
     b.add_argument(
         "--rows",
-        type=_positive_int,
+        type=positive_int,
         help="rows of the main input (default: 2000000; 20000 with --quick)%(default).0s",
     )
     b.add_argument(
         "--repeats",
-        type=_positive_int,
+        type=positive_int,
         help="runs of every variant (default: 3; 1 with --quick)%(default).0s",
     )
     b.add_argument("--workers", type=_counts, default="1,2", help="embedded worker counts")
@@ -118,7 +119,7 @@ def register(add: Add, kafka_flags: Flags) -> None:
         help="also compare peak memory at this many rows, once (e.g. 20000000; slow)",
     )
     b.add_argument(
-        "--memory-workers", type=_positive_int, default=2, help="embedded workers at scale"
+        "--memory-workers", type=positive_int, default=2, help="embedded workers at scale"
     )
     b.add_argument(
         "--sections",
@@ -135,8 +136,12 @@ def register(add: Add, kafka_flags: Flags) -> None:
 
 
 def cmd_bench(args: argparse.Namespace, bars: Bars) -> int:
+    missing = [m for m in ("pandas", "psutil") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(
+            f"dispatchkit bench needs {' and '.join(missing)}: pip install 'dispatchkit[bench]'"
+        )
     from dispatchkit.bench import BenchConfig, run_benchmarks
-    from dispatchkit.config import kafka_settings_from_args
 
     settings = None
     if args.kafka and (

@@ -174,14 +174,3 @@ def load_settings(
 
 def _plain(value: str | Secret | None) -> str | None:
     return value.get() if isinstance(value, Secret) else value
-
-
-def kafka_settings_from_args(args: object) -> KafkaSettings:
-    """Settings from the CLI's parsed Kafka flags."""
-    return load_settings(
-        bootstrap_servers=getattr(args, "bootstrap_servers", None),
-        options=list(getattr(args, "kafka_options", []) or []),
-        config_file=getattr(args, "kafka_config", None),
-        topic_prefix=getattr(args, "topic_prefix", "dispatchkit"),
-        partitions=getattr(args, "partitions", 12),
-    )

@@ -37,8 +37,8 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from dispatchkit.brokers.base import Broker
+from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.claim import holder_of
-from dispatchkit.config import KafkaSettings
 from dispatchkit.dispatcher import batch_key
 from dispatchkit.errors import BrokerError, DecodeError, DeliveryError, FatalBrokerError
 from dispatchkit.message import JobBatch, Manifest, ResultBatch, decode, encode

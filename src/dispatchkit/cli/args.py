@@ -1,0 +1,61 @@
+"""Flag types and flag groups shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+
+from dispatchkit.brokers.kafka.settings import KafkaSettings, load_settings
+
+
+def iso_date(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def add_kafka_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
+    k = p.add_argument_group("kafka")
+    k.add_argument(
+        "--bootstrap-servers",
+        "-b",
+        help="Kafka bootstrap servers (or $DISPATCHKIT_BOOTSTRAP_SERVERS)",
+    )
+    k.add_argument(
+        "-X",
+        dest="kafka_options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any librdkafka setting, e.g. -X security.protocol=SASL_SSL",
+    )
+    k.add_argument(
+        "--kafka-config", help="file of librdkafka key=value lines (or $DISPATCHKIT_KAFKA_CONFIG)"
+    )
+    k.add_argument("--topic-prefix", default="dispatchkit", help="prefix of the topic names")
+    k.add_argument(
+        "--partitions", type=positive_int, default=12, help="partitions of the jobs topic"
+    )
+
+
+def kafka_settings_from_args(args: object) -> KafkaSettings:
+    """Settings from the CLI's parsed Kafka flags."""
+    return load_settings(
+        bootstrap_servers=getattr(args, "bootstrap_servers", None),
+        options=list(getattr(args, "kafka_options", []) or []),
+        config_file=getattr(args, "kafka_config", None),
+        topic_prefix=getattr(args, "topic_prefix", "dispatchkit"),
+        partitions=getattr(args, "partitions", 12),
+    )
