@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         Float,
         Int,
         Jobs,
+        Task,
         Text,
         Timestamp,
         load_app,
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from dispatchkit.brokers.base import Broker, Delivery, JobSource, Rejection
     from dispatchkit.brokers.embedded import EmbeddedBroker
     from dispatchkit.brokers.kafka.settings import KafkaSettings, Secret, load_settings
-    from dispatchkit.dispatcher import Dispatcher, job_id
+    from dispatchkit.dispatcher import Dispatcher
     from dispatchkit.errors import (
         BrokerError,
         DecodeError,
@@ -43,12 +44,11 @@ if TYPE_CHECKING:
         UsageError,
     )
     from dispatchkit.generator import GenerateSpec, generate
-    from dispatchkit.keys import Floor, floor
-    from dispatchkit.message import Job, JobBatch, JobResult, Manifest, ResultBatch, decode, encode
+    from dispatchkit.keys import Floor, floor, job_id
+    from dispatchkit.message import Manifest
     from dispatchkit.reader import InputReader
     from dispatchkit.runner import RunSpec, RunSummary, run_embedded
     from dispatchkit.store import ResultStore
-    from dispatchkit.task import TASKS, Task, positive_rate
     from dispatchkit.worker import RetryPolicy, Worker
 
 # Every name of the API, and the module that defines it. Imported on first use (PEP 562):
@@ -77,30 +77,22 @@ _LAZY: dict[str, str] = {
     "GenerateSpec": "dispatchkit.generator",
     "InputError": "dispatchkit.errors",
     "InputReader": "dispatchkit.reader",
-    "Job": "dispatchkit.message",
-    "JobBatch": "dispatchkit.message",
-    "JobResult": "dispatchkit.message",
     "JobSource": "dispatchkit.brokers.base",
     "KafkaSettings": "dispatchkit.brokers.kafka.settings",
     "Manifest": "dispatchkit.message",
     "Rejection": "dispatchkit.brokers.base",
-    "ResultBatch": "dispatchkit.message",
     "ResultStore": "dispatchkit.store",
     "RetryPolicy": "dispatchkit.worker",
     "RunError": "dispatchkit.errors",
     "RunSpec": "dispatchkit.runner",
     "RunSummary": "dispatchkit.runner",
     "Secret": "dispatchkit.brokers.kafka.settings",
-    "TASKS": "dispatchkit.task",
-    "Task": "dispatchkit.task",
+    "Task": "dispatchkit.app",
     "UsageError": "dispatchkit.errors",
     "Worker": "dispatchkit.worker",
-    "decode": "dispatchkit.message",
-    "encode": "dispatchkit.message",
     "generate": "dispatchkit.generator",
-    "job_id": "dispatchkit.dispatcher",
+    "job_id": "dispatchkit.keys",
     "load_settings": "dispatchkit.brokers.kafka.settings",
-    "positive_rate": "dispatchkit.task",
     "run_embedded": "dispatchkit.runner",
 }
 
@@ -121,7 +113,6 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
-    "TASKS",
     "App",
     "AppError",
     "Bool",
@@ -139,15 +130,11 @@ __all__ = [
     "InputError",
     "InputReader",
     "Int",
-    "Job",
-    "JobBatch",
-    "JobResult",
     "JobSource",
     "Jobs",
     "KafkaSettings",
     "Manifest",
     "Rejection",
-    "ResultBatch",
     "ResultStore",
     "RetryPolicy",
     "RunError",
@@ -160,13 +147,10 @@ __all__ = [
     "UsageError",
     "Worker",
     "__version__",
-    "decode",
-    "encode",
     "floor",
     "generate",
     "job_id",
     "load_app",
     "load_settings",
-    "positive_rate",
     "run_embedded",
 ]

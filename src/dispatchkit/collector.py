@@ -15,22 +15,23 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
 from dispatchkit import faults
+from dispatchkit.app import App, load_app
 from dispatchkit.brokers.kafka.broker import H_RUN, KafkaBroker, headers_of, scan
 from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.cli.progress import Bars
-from dispatchkit.dispatcher import iso_hour
-from dispatchkit.errors import BrokerError, FatalBrokerError, RunError
+from dispatchkit.errors import BrokerError, DecodeError, FatalBrokerError, RunError
 from dispatchkit.identity import check_identity
-from dispatchkit.message import JobBatch, Manifest, ResultBatch, decode
+from dispatchkit.keys import key_text
+from dispatchkit.message import Manifest
 from dispatchkit.outdir import holds_out_dir
 from dispatchkit.runner import STORE_NAME, RunSummary, finish
 from dispatchkit.store import ResultStore
+from dispatchkit.wire import decode_jobs, decode_results
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def collect(
     dead_grace: float = 5.0,
     wait_for_dispatch: float | None = WAIT_FOR_DISPATCH,
     identity: Mapping[str, str] | None = None,
+    app: App | None = None,
 ) -> RunSummary:
     """Store a run's results until its manifest's jobs are all done, then export them.
 
@@ -72,6 +74,7 @@ def collect(
     (``None`` or 0: wait for ever) it raises :class:`RunError`. Given an ``identity``
     (the run this process means to make), a run dispatched with another one is refused.
     """
+    the_app = app if app is not None else load_app(None)
     bars = bars or Bars(enabled=False)
     t0 = time.perf_counter()
     summary = RunSummary(run_id=run_id)
@@ -109,7 +112,14 @@ def collect(
                             check_identity(
                                 run_id, manifest.run_identity(), identity, where="dispatched"
                             )
-                        store.start_run(run_id, manifest.run_identity(), "kafka")
+                        _check_app(run_id, manifest, the_app)
+                        store.start_run(
+                            run_id,
+                            manifest.run_identity(),
+                            "kafka",
+                            app=the_app,
+                            task=the_app.get_task(manifest.task),
+                        )
                         bars.update("collect", total=manifest.total_jobs)
                     else:
                         waited = now - waiting_since
@@ -138,7 +148,7 @@ def collect(
                     broker.refresh_partitions()  # partitions added to the results topic
                     last_partition_check = now
                 for rb in broker.results(0.5):
-                    store.add(rb.run_id, rb.worker, rb.results)
+                    store.add(rb)
                 if store.buffered and (store.buffered >= 20_000 or now - last_flush > 1.0):
                     # The results and the positions they were read up to, in one transaction.
                     store.flush(broker.read_positions())
@@ -190,11 +200,9 @@ def collect(
         summary.rows_valid = manifest.rows_dispatched
         summary.rows_quarantined = manifest.rows_quarantined
         summary.duplicates_ignored = store.duplicates
-        finish(store, run_id, manifest.task, out, report=report, summary=summary)
-        done_keys = store.done_keys(run_id)
-        summary.failed_jobs = sorted(
-            f"{key}: {why}" for key, why in dead.items() if _key_tuple(key) not in done_keys
-        )
+        finish(store, run_id, the_app, out, report=report, summary=summary)
+        done_ids = store.done_jobs(run_id)
+        summary.failed_jobs = sorted(why for job, why in dead.items() if job not in done_ids)
         if summary.status != "timed out":
             summary.status = (
                 "complete" if summary.jobs_done == manifest.total_jobs else "incomplete"
@@ -213,35 +221,37 @@ def collect(
     return summary
 
 
-def _key(country: str, date_hour: int) -> str:
-    return f"{country} {iso_hour(date_hour)}"
-
-
-def _key_tuple(key: str) -> tuple[str, int]:
-    country, _, hour = key.rpartition(" ")
-    return (country, int(datetime.fromisoformat(hour.replace("Z", "+00:00")).timestamp()))
+def _check_app(run_id: str, manifest: Manifest, app: App) -> None:
+    """The run's results can only be stored by the app (and code) that made them."""
+    made = manifest.run_identity()
+    for name, have in (("app", app.name), ("fingerprint", app.fingerprint)):
+        if name in made and made[name] != have:
+            raise RunError(
+                f"run {run_id!r} was dispatched by app {made.get('app')!r} "
+                f"{made.get('fingerprint', '')}; this collector runs app {app.name!r} "
+                f"{app.fingerprint}: give the run's --app"
+            )
 
 
 def _dead_not_done(store: ResultStore, run_id: str, dead: dict[str, str]) -> int:
-    done = store.done_keys(run_id)
-    return sum(1 for k in dead if _key_tuple(k) not in done)
+    done = store.done_jobs(run_id)
+    return sum(1 for job in dead if job not in done)
 
 
 def dead_jobs(settings: KafkaSettings, run_id: str, check: bool = True) -> dict[str, str]:
-    """``"country hour" → error`` of a run's dead-lettered jobs."""
+    """``job id → "key: error"`` of a run's dead-lettered jobs."""
     out: dict[str, str] = {}
     for msg in scan(settings, settings.dlq_topic, timeout=15, check=check):
         headers = headers_of(msg)
         if headers.get(H_RUN) != run_id:
             continue
         try:
-            batch = decode(msg.value(), JobBatch)
-        except Exception:
+            batch = decode_jobs(msg.value(), validate=False)
+        except DecodeError:
             continue
-        for job in batch.jobs:
-            out[_key(job.country, job.date_hour)] = (
-                f"{headers.get('dk-error-class', '?')}: {headers.get('dk-error', '')}"
-            )
+        why = f"{headers.get('dk-error-class', '?')}: {headers.get('dk-error', '')}"
+        for job, key in zip(batch.jobs, batch.keys().to_pylist(), strict=True):
+            out[job.job_id] = f"{key_text(key)}: {why}"
     return out
 
 
@@ -268,7 +278,10 @@ def status(settings: KafkaSettings, run_id: str, window: float = 10.0) -> RunSta
     for msg in scan(settings, settings.results_topic):
         if headers_of(msg).get(H_RUN) != run_id:
             continue
-        rb = decode(msg.value(), ResultBatch)
+        try:
+            rb = decode_results(msg.value(), validate=False)
+        except DecodeError:
+            continue
         for r in rb.results:
             parts.setdefault(r.job_id, set()).add(r.part)
             sizes[r.job_id] = r.parts

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import numpy as np
@@ -43,6 +44,7 @@ from dispatchkit.keys import job_id, key_text
 DEFAULT_MAX_MESSAGE_BYTES = wire.DEFAULT_MAX_MESSAGE_BYTES
 #: The reader's column holding each row's transport bucket.
 BUCKET = "bucket"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -295,12 +297,17 @@ class Dispatcher:
         )
 
     def _too_big(self, key: tuple[wire.KeyValue, ...], rows: int) -> str:
-        return too_big_message(
-            self.task,
-            key_text(dict(zip(self.key_names, key, strict=True))),
-            rows,
-            self.max_message_bytes,
-        )
+        return too_big_message(self.task, self._text(key), rows, self.max_message_bytes)
+
+    def _text(self, key: tuple[wire.KeyValue, ...]) -> str:
+        """A key of the envelope (times as epoch µs) as text for messages."""
+        values: list[object] = []
+        for t, v in zip(self.key_types, key, strict=True):
+            if t.startswith("timestamp") and isinstance(v, int):
+                values.append(_EPOCH + timedelta(microseconds=v))
+            else:
+                values.append(v)
+        return key_text(dict(zip(self.key_names, values, strict=True)))
 
 
 def too_big_message(task: Task, key: str, rows: int, budget: int, size: int | None = None) -> str:

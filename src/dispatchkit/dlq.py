@@ -17,30 +17,30 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any
 
+import pyarrow as pa
+
+from dispatchkit import wire
 from dispatchkit.brokers.kafka.broker import H_BATCH, H_RUN, KafkaBroker, headers_of, scan
 from dispatchkit.brokers.kafka.settings import KafkaSettings
-from dispatchkit.dispatcher import iso_hour
+from dispatchkit.dispatcher import Outgoing
 from dispatchkit.errors import DecodeError
-from dispatchkit.message import SCHEMA_VERSION, Job, JobBatch, ResultBatch, decode
+from dispatchkit.keys import key_text
 
 #: The end of a replayed batch's id.
 REPLAY_SUFFIX = ".replay"
-
-B = TypeVar("B", JobBatch, ResultBatch)
 
 
 @dataclass
 class DeadLetterEntry:
     offset: int
     headers: dict[str, str]
-    jobs: list[Job] = field(default_factory=list)
+    record_key: bytes = b""
+    message: wire.JobMessage | None = None
+    jobs: list[wire.JobEntry] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # each job's key as text
     payload_error: str = ""
-
-    @property
-    def keys(self) -> list[str]:
-        return [f"{j.country} {iso_hour(j.date_hour)}" for j in self.jobs]
 
     def describe(self) -> str:
         h = self.headers
@@ -58,21 +58,33 @@ class DeadLetterEntry:
 def list_dead(
     settings: KafkaSettings, *, run_id: str | None = None, keys: list[str] | None = None
 ) -> list[DeadLetterEntry]:
-    """Dead letters, optionally of one run and/or holding one of ``keys``."""
+    """Dead letters, optionally of one run and/or holding one of ``keys`` (key text, as
+    listed, or any single key value such as a country)."""
     out = []
     for msg in scan(settings, settings.dlq_topic):
         headers = headers_of(msg)
         if run_id is not None and headers.get(H_RUN) != run_id:
             continue
-        entry = DeadLetterEntry(offset=msg.offset(), headers=headers)
+        entry = DeadLetterEntry(offset=msg.offset(), headers=headers, record_key=msg.key() or b"")
         try:
-            entry.jobs = decode(msg.value() or b"", JobBatch).jobs
+            entry.message = wire.decode_jobs(msg.value() or b"")
         except DecodeError as exc:
             entry.payload_error = str(exc)[:120]
-        if keys:
-            entry.jobs = [j for j, k in zip(entry.jobs, entry.keys, strict=True) if k in keys]
-            if not entry.jobs:
-                continue
+        else:
+            entry.jobs = list(entry.message.jobs)
+            dicts = entry.message.keys().to_pylist()
+            entry.keys = [key_text(k) for k in dicts]
+            if keys:
+                wanted = set(keys)
+                picked = [
+                    i
+                    for i, (k, d) in enumerate(zip(entry.keys, dicts, strict=True))
+                    if k in wanted or any(str(v) in wanted for v in d.values())
+                ]
+                entry.jobs = [entry.jobs[i] for i in picked]
+                entry.keys = [entry.keys[i] for i in picked]
+        if keys and not entry.jobs:
+            continue
         out.append(entry)
     return out
 
@@ -81,7 +93,7 @@ def replay(
     settings: KafkaSettings, *, run_id: str | None = None, keys: list[str] | None = None
 ) -> tuple[int, int]:
     """Republish dead-lettered jobs neither done nor already replayed and pending; returns
-    (replayed, skipped), counted per dead-lettered job (a payload that is no job batch
+    (replayed, skipped), counted per dead-lettered job (a payload that is no job message
     counts as skipped)."""
     entries = list_dead(settings, run_id=run_id, keys=keys)
     runs = {e.headers.get(H_RUN, "") for e in entries if e.jobs}
@@ -91,14 +103,14 @@ def replay(
         (e.headers.get(H_RUN, ""), job.job_id, job.part) for e in entries for job in e.jobs
     )
     broker = KafkaBroker(settings)
-    tasks = {r: _task_of(broker, r) for r in runs}
     replayed = skipped = 0
     sent: set[tuple[str, str, int]] = set()
     try:
         for e in entries:
             run = e.headers.get(H_RUN, "")
-            task = tasks.get(run, "positive-rate")
-            fresh = []
+            if e.message is None:
+                skipped += 1
+                continue
             for job in e.jobs:
                 key = (run, job.job_id, job.part)
                 pending = failures[key] <= replays.get(run, Counter())[job.job_id, job.part]
@@ -106,19 +118,8 @@ def replay(
                     skipped += 1
                     continue
                 sent.add(key)
-                fresh.append(job)
-            if not e.jobs:
-                skipped += 1
-            for job in fresh:
-                broker.publish(
-                    JobBatch(
-                        v=SCHEMA_VERSION,
-                        run_id=run,
-                        batch_id=f"{job.job_id}.{job.part}{REPLAY_SUFFIX}",
-                        task=task,
-                        jobs=[job],
-                    )
-                )
+                broker.run_id = run
+                broker.publish(_one_job(e.message, job, e.record_key))
                 replayed += 1
         broker.flush()
     finally:
@@ -126,32 +127,60 @@ def replay(
     return replayed, skipped
 
 
-def _task_of(broker: KafkaBroker, run_id: str) -> str:
-    manifest = broker.read_manifest(run_id)
-    return manifest.task if manifest is not None else "positive-rate"
+def _one_job(msg: wire.JobMessage, job: wire.JobEntry, record_key: bytes) -> Outgoing:
+    """A message of one dead-lettered job part, as the dispatcher would have cut it."""
+    rows: Any = msg.table.slice(job.start, job.end - job.start)
+    batch_id = f"{job.job_id}.{job.part}{REPLAY_SUFFIX}"
+    payload = wire.encode_jobs(
+        run_id=msg.run_id,
+        batch_id=batch_id,
+        app=msg.app,
+        task=msg.task,
+        fingerprint=msg.fingerprint,
+        key_names=msg.key_names,
+        key_types=msg.key_types,
+        jobs=[wire.JobEntry(job.job_id, job.part, job.parts, 0, job.end - job.start, job.key)],
+        table=pa.Table.from_batches([rows]),
+    )
+    return Outgoing(
+        payload=payload,
+        key=record_key,
+        batch_id=batch_id,
+        job_ids=(job.job_id,),
+        parts=((job.part, job.parts),),
+        rows=job.end - job.start,
+    )
 
 
 def _replayed_parts(settings: KafkaSettings, run_id: str) -> Counter[tuple[str, int]]:
     """How often each ``(job_id, part)`` of the run has been replayed onto the jobs topic."""
-    batches = _run_batches(settings, settings.jobs_topic, run_id, JobBatch, REPLAY_SUFFIX)
-    return Counter((j.job_id, j.part) for batch in batches for j in batch.jobs)
+    out: Counter[tuple[str, int]] = Counter()
+    for value in _run_values(settings, settings.jobs_topic, run_id, REPLAY_SUFFIX):
+        try:
+            msg = wire.decode_jobs(value, validate=False)
+        except DecodeError:
+            continue
+        out.update((j.job_id, j.part) for j in msg.jobs)
+    return out
 
 
 def _done_parts(settings: KafkaSettings, run_id: str) -> set[tuple[str, int]]:
-    batches = _run_batches(settings, settings.results_topic, run_id, ResultBatch)
-    return {(r.job_id, r.part) for batch in batches for r in batch.results}
+    out: set[tuple[str, int]] = set()
+    for value in _run_values(settings, settings.results_topic, run_id):
+        try:
+            msg = wire.decode_results(value, validate=False)
+        except DecodeError:
+            continue
+        out.update((r.job_id, r.part) for r in msg.results)
+    return out
 
 
-def _run_batches(
-    settings: KafkaSettings, topic: str, run_id: str, kind: type[B], batch_suffix: str = ""
-) -> Iterator[B]:
-    """The decodable batches of ``run_id`` on ``topic`` whose batch id ends in
-    ``batch_suffix``."""
+def _run_values(
+    settings: KafkaSettings, topic: str, run_id: str, batch_suffix: str = ""
+) -> Iterator[bytes]:
+    """The record values of ``run_id`` on ``topic`` whose batch id ends in ``batch_suffix``."""
     for msg in scan(settings, topic):
         headers = headers_of(msg)
         if headers.get(H_RUN) != run_id or not headers.get(H_BATCH, "").endswith(batch_suffix):
             continue
-        try:
-            yield decode(msg.value(), kind)
-        except DecodeError:
-            continue
+        yield msg.value() or b""

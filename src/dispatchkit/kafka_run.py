@@ -26,6 +26,7 @@ from types import FrameType
 import msgspec
 
 from dispatchkit import faults, outdir, procs
+from dispatchkit.app import App, Task, load_app
 from dispatchkit.brokers.kafka.broker import KafkaBroker
 from dispatchkit.brokers.kafka.settings import KafkaSettings, Secret
 from dispatchkit.brokers.kafka.source import KafkaJobSource, default_worker_id
@@ -82,7 +83,7 @@ def dispatch(
     # (0.3-1 s): made on a helper thread while the input is validated.
     warm = _Background(broker.warm_up)
 
-    def check(run_id: str, identity: dict[str, str]) -> None:
+    def check(run_id: str, identity: dict[str, str], app: App, task: Task) -> None:
         warm.result()
         existing = broker.read_manifest(run_id)
         if existing is not None:
@@ -125,18 +126,20 @@ def dispatch(
             resumed = first is not None and first.owner != manifest.owner
             published = broker.published_parts(prep.run_id) if resumed else set()
             broker.run_id = prep.run_id
+            assert prep.app is not None
             dispatcher = Dispatcher(
                 prep.reader,
-                run_id=prep.run_id,
+                app=prep.app,
                 task=spec.task,
+                run_id=prep.run_id,
                 max_message_bytes=spec.max_message_bytes,
             )
             bars.add("dispatch", prep.counts.rows_valid, "rows")
             beat = time.monotonic()
-            for batch in dispatcher.batches(
+            for message in dispatcher.messages(
                 skip_parts=published, on_rows=lambda n: bars.advance("dispatch", n)
             ):
-                broker.publish(batch)
+                broker.publish(message)
                 faults.crash_point("dispatch.mid_publish")
                 if time.monotonic() - beat > HEARTBEAT_SECONDS:
                     beat = time.monotonic()
@@ -155,15 +158,15 @@ def dispatch(
                     status="dispatched",
                     heartbeat_at=time.time(),
                     total_parts=stats.parts,
-                    total_batches=stats.batches,
+                    total_batches=stats.messages,
                 )
             )
         finally:
             broker.close()
     summary.jobs_sent = stats.jobs_sent
     summary.split_jobs = stats.split_jobs
-    summary.batches = stats.batches
-    summary.jobs_skipped = len({(c, h) for c, h, _ in published})
+    summary.batches = stats.messages
+    summary.jobs_skipped = len({job for job, _ in published})
     summary.status = "dispatched"
     summary.seconds["dispatch"] = time.perf_counter() - t0
     return summary
@@ -267,11 +270,14 @@ class WorkerOptions:
     session_timeout_ms: int = 10_000
     max_poll_interval_ms: int = 300_000
     idle_exit_seconds: float = 15.0
+    #: The app by import path; ``None``: ``$DISPATCHKIT_APP`` or the built-in COVID app.
+    app: str | None = None
 
 
 def work(settings: KafkaSettings, options: WorkerOptions) -> WorkerStats:
     """Be a consumer-group member until SIGTERM/SIGINT (or drained, with ``burst``)."""
     worker_id = options.worker_id or default_worker_id()
+    worker = Worker(worker_id, options.retry, app=load_app(options.app))  # fail before joining
     source = KafkaJobSource(
         settings,
         group=options.group or worker_group(settings),
@@ -311,7 +317,7 @@ def work(settings: KafkaSettings, options: WorkerOptions) -> WorkerStats:
             source.drained = drained  # type: ignore[method-assign]
         stats = run(
             source,
-            Worker(worker_id, options.retry),
+            worker,
             should_stop=should_stop,
             burst=options.burst,
             on_batch=on_batch,
@@ -394,7 +400,8 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) 
     from dispatchkit.brokers.kafka.broker import ensure_topics
 
     ensure_topics(settings)
-    extra = ("--attempts", str(spec.retry.attempts))
+    app = load_app(spec.app)
+    extra = ("--attempts", str(spec.retry.attempts), *(("--app", app.spec) if app.spec else ()))
     slots = [f"{os.getpid()}-{i}" for i in range(spec.workers)]
     children = [spawn_worker(settings, slot, *extra) for slot in slots]
     restarts = [0]
@@ -413,7 +420,7 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) 
     pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
     try:
         run_id = prepare_run_id(spec)
-        identity = spec_identity(spec, fingerprint(resolve_inputs(spec.input)))
+        identity = spec_identity(spec, fingerprint(resolve_inputs(spec.input)), app)
         with procs.signals_deferred():  # the child starts with Ctrl-C left to us
             dispatching = pool.submit(_dispatch_child, spec, settings, os.getpid())
 
@@ -433,6 +440,7 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) 
             on_tick=tick,
             wait_for_dispatch=None,
             identity=identity,
+            app=app,
         )
         sent = dispatching.result()
         summary.worker_restarts = restarts[0]

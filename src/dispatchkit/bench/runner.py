@@ -41,11 +41,11 @@ from typing import Any
 
 import polars as pl
 
+from dispatchkit.app import load_app
 from dispatchkit.bench.kafka import KafkaTarget, kafka_target
 from dispatchkit.bench.measure import measure
 from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.errors import RunError, UsageError
-from dispatchkit.task import get_task
 
 Row = dict[str, Any]
 SECTIONS = ("main", "components", "heavy", "memory")
@@ -80,7 +80,7 @@ class BenchConfig:
 
     def check(self) -> None:
         """Raise :class:`UsageError` for settings that cannot work."""
-        get_task(self.task)
+        load_app(None).get_task(self.task)
         if self.rows < 1 or self.repeats < 1:
             raise UsageError("--rows and --repeats must be at least 1")
         counts = (*self.workers, *self.kafka_workers, *self.warm_workers, self.memory_workers)

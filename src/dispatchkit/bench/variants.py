@@ -32,7 +32,6 @@ from typing import Any
 import polars as pl
 
 from dispatchkit.stats import wilson_arrays
-from dispatchkit.task import get_task
 
 CHECK_COLUMNS = ("country", "date_hour", "tests", "positives")
 
@@ -97,7 +96,9 @@ def floor(spec: dict[str, Any]) -> tuple[pl.DataFrame, dict[str, float]]:
 def pandas_monolith(spec: dict[str, Any]) -> tuple[pl.DataFrame, dict[str, float]]:
     import pandas as pd
 
-    interval = get_task(spec["task"]).interval
+    from dispatchkit.apps.covid import beta, wilson
+
+    interval = {"positive-rate": wilson, "beta-posterior": beta}[spec["task"]]
     t0 = time.perf_counter()
     frame = pd.read_parquet(spec["input"])
     load = time.perf_counter() - t0
@@ -106,7 +107,8 @@ def pandas_monolith(spec: dict[str, Any]) -> tuple[pl.DataFrame, dict[str, float
     def rate(results: pd.Series) -> tuple[int, int, float, float, float]:
         tests = len(results)
         positives = int((results == "positive").sum())
-        low, high = interval(positives, tests, str(results.name))
+        country, hour = results.name
+        low, high = interval(positives, tests, {"country": country, "date_hour": hour})
         return (tests, positives, positives / tests, low, high)
 
     per_key = frame.groupby(["country", "date_hour"], sort=True)["result"].apply(rate)
@@ -166,7 +168,6 @@ def embedded(spec: dict[str, Any]) -> Outcome:
 
 def dispatcher_only(spec: dict[str, Any]) -> Outcome:
     from dispatchkit.dispatcher import Dispatcher
-    from dispatchkit.message import encode
     from dispatchkit.runner import prepare
 
     run_spec = run_spec_of(spec)
@@ -174,12 +175,13 @@ def dispatcher_only(spec: dict[str, Any]) -> Outcome:
     prep = prepare(run_spec)
     t_prepare = time.perf_counter() - t0
     with prep.reader:
-        d = Dispatcher(prep.reader, run_id=prep.run_id, task=run_spec.task)
-        nbytes = sum(len(encode(batch)) for batch in d.batches())
+        assert prep.app is not None
+        d = Dispatcher(prep.reader, app=prep.app, run_id=prep.run_id, task=run_spec.task)
+        nbytes = sum(len(m.payload) for m in d.messages())
     if d.stats.rows_cut != prep.counts.rows_valid:
         raise SystemExit(f"dispatcher cut {d.stats.rows_cut} of {prep.counts.rows_valid} rows")
     phases = {"prepare": t_prepare, "sort_cut_encode": time.perf_counter() - t0 - t_prepare}
-    extra = {"batches": float(d.stats.batches), "bytes": float(nbytes)}
+    extra = {"batches": float(d.stats.messages), "bytes": float(nbytes)}
     return Outcome("dispatcher", 0.0, 0.0, d.stats.rows_cut, d.stats.jobs, phases, extra=extra)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -39,9 +39,12 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from dispatchkit.brokers.base import Broker
 from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.claim import holder_of
-from dispatchkit.dispatcher import batch_key
 from dispatchkit.errors import BrokerError, DecodeError, DeliveryError, FatalBrokerError
-from dispatchkit.message import JobBatch, Manifest, ResultBatch, decode, encode
+from dispatchkit.message import Manifest, decode, encode
+from dispatchkit.wire import WIRE_VERSION, ResultMessage, decode_jobs, decode_results
+
+if TYPE_CHECKING:
+    from dispatchkit.dispatcher import Outgoing
 from dispatchkit.store import ReadPositions
 
 log = logging.getLogger(__name__)
@@ -266,16 +269,17 @@ class KafkaBroker(Broker):
         # results topic would carry repeated records).
         self._publish_manifest(manifest)
 
-    def publish(self, batch: JobBatch) -> None:
+    def publish(self, message: Outgoing) -> None:
+        assert self.run_id is not None, "open_run() first"
         self._produce(
             self.settings.jobs_topic,
-            batch_key(batch),
-            encode(batch),
+            message.key,
+            message.payload,
             [
                 (H_KIND, b"jobs"),
-                (H_VERSION, b"1"),
-                (H_RUN, batch.run_id.encode()),
-                (H_BATCH, batch.batch_id.encode()),
+                (H_VERSION, str(WIRE_VERSION).encode()),
+                (H_RUN, self.run_id.encode()),
+                (H_BATCH, message.batch_id.encode()),
             ],
         )
 
@@ -440,8 +444,8 @@ class KafkaBroker(Broker):
             topic_id=self._topic_id_now,
         )
 
-    def results(self, timeout: float) -> list[ResultBatch]:
-        out: list[ResultBatch] = []
+    def results(self, timeout: float) -> list[ResultMessage]:
+        out: list[ResultMessage] = []
         try:
             msgs = self.consumer.consume(num_messages=1000, timeout=timeout)
         except KafkaException as exc:
@@ -462,7 +466,7 @@ class KafkaBroker(Broker):
             if self.run_id is not None and headers.get(H_RUN) != self.run_id:
                 continue
             try:
-                rb = decode(msg.value() or b"", ResultBatch)
+                rb = decode_results(msg.value() or b"")
             except DecodeError as exc:
                 log.error(
                     "skipping undecodable result %s[%d]@%d: %s",
@@ -504,17 +508,17 @@ class KafkaBroker(Broker):
         """Append a manifest (a claim, a heartbeat); ``wait`` for its delivery."""
         self._publish_manifest(manifest, wait=wait)
 
-    def published_parts(self, run_id: str) -> set[tuple[str, int, int]]:
-        """``(country, date_hour, part)`` of every job part of a run already in the jobs topic."""
-        seen: set[tuple[str, int, int]] = set()
+    def published_parts(self, run_id: str) -> set[tuple[str, int]]:
+        """``(job_id, part)`` of every job part of a run already in the jobs topic."""
+        seen: set[tuple[str, int]] = set()
         for msg in scan(self.settings, self.settings.jobs_topic):
             if headers_of(msg).get(H_RUN) != run_id:
                 continue
             try:
-                batch = decode(msg.value(), JobBatch)
+                batch = decode_jobs(msg.value(), validate=False)
             except DecodeError:
                 continue
-            seen.update((j.country, j.date_hour, j.part) for j in batch.jobs)
+            seen.update((j.job_id, j.part) for j in batch.jobs)
         return seen
 
     def close(self) -> None:

@@ -337,7 +337,7 @@ class KafkaJobSource(JobSource):
                 result,
                 [
                     (H_KIND, b"results"),
-                    (H_VERSION, b"1"),
+                    (H_VERSION, b"2"),
                     (H_RUN, run),
                     (H_BATCH, delivery.headers.get(H_BATCH, "").encode()),
                 ],
