@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 
@@ -107,7 +107,7 @@ def pandas_monolith(spec: dict[str, Any]) -> tuple[pl.DataFrame, dict[str, float
     def rate(results: pd.Series) -> tuple[int, int, float, float, float]:
         tests = len(results)
         positives = int((results == "positive").sum())
-        country, hour = results.name
+        country, hour = cast(tuple[str, Any], results.name)
         low, high = interval(positives, tests, {"country": country, "date_hour": hour})
         return (tests, positives, positives / tests, low, high)
 
