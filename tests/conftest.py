@@ -14,7 +14,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from dispatchkit.apps.covid import app as covid
 from dispatchkit.generator import GenerateSpec, generate
+from dispatchkit.reader import InputReader, RowCounts
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -126,6 +128,48 @@ def assert_exact(results: pl.DataFrame, expected: pl.DataFrame) -> None:
     diff = got.join(expected, on=got.columns, how="anti")
     assert diff.is_empty(), f"rows not in the reference:\n{diff.head()}"
     assert got.equals(expected)
+
+
+def sorted_rows(reader: InputReader, columns: tuple[str, ...] = ("result",)) -> pl.DataFrame:
+    """Every batch of ``reader.sorted_valid(columns)`` in one frame, checked as it comes.
+
+    The batches have the schema the reader promises; rows are sorted by (bucket, key) and
+    each job's rows are contiguous (its key is never seen again once another starts).
+    """
+    schema = reader.batch_schema(columns)
+    batches = list(reader.sorted_valid(columns, rows_per_batch=1_000))
+    for b in batches:
+        assert b.schema.equals(schema), (b.schema, schema)
+    table = pa.Table.from_batches(batches, schema=schema)
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    names = ["bucket", *reader.keyspec.names]
+    assert frame.select(names).equals(frame.select(names).sort(names)), "not sorted"
+    runs = frame.select(names).with_columns(
+        start=pl.any_horizontal(pl.col(n).ne_missing(pl.col(n).shift(1)) for n in names)
+    )
+    assert runs["start"].sum() == frame.select(reader.keyspec.names).n_unique(), "split job"
+    return frame
+
+
+def covid_jobs(
+    paths: list[Path], work: Path, *, out: Path | None = None, **kw: object
+) -> tuple[pl.DataFrame, RowCounts]:
+    """(country, date_hour, tests, positives) per job from the COVID app's reader.
+
+    The reader's counts come with it; with ``out``, its quarantine files are written there.
+    """
+    with InputReader(paths, covid, work_dir=work, **kw) as reader:  # type: ignore[arg-type]
+        counts = reader.counts()
+        if out is not None:
+            reader.write_quarantine(out, any_bad=counts.rows_bad > 0)
+        rows = sorted_rows(reader)
+    jobs = rows.group_by("country", "date_hour").agg(
+        pl.len().alias("tests"), pl.col("result").sum().alias("positives")
+    )
+    assert counts.rows_read == counts.rows_valid + counts.rows_bad
+    assert rows.height == counts.rows_valid and jobs.height == counts.jobs
+    return normalize(jobs), counts
 
 
 @pytest.fixture(scope="session")

@@ -10,13 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dispatchkit.cli import main
+from dispatchkit.apps.covid import app as covid
 from dispatchkit.errors import InputError
 from dispatchkit.reader import InputReader, resolve_inputs
-from dispatchkit.runner import RunSpec, run_embedded
 from dispatchkit.schema import DEFAULT_END, DEFAULT_START
 
-from .conftest import assert_exact, reference
+from .conftest import covid_jobs, reference, sorted_rows
 
 HEADER = "country,test_datetime,result\n"
 
@@ -52,19 +51,21 @@ def parquet(path: Path, country: str | list[object], n: int = 3, **types: pa.Dat
 def counted(paths: list[Path], tmp_path: Path) -> tuple[int, list[str]]:
     """Rows read and the countries of the valid rows."""
     with InputReader(
-        paths, start=DEFAULT_START, end=DEFAULT_END, spill_dir=tmp_path / "spill"
+        paths, covid, start=DEFAULT_START, end=DEFAULT_END, spill_dir=tmp_path / "spill"
     ) as reader:
         counts = reader.counts()
-        list(reader.sorted_valid())
-        return counts.rows_read, list(reader.countries)
+        countries = sorted(sorted_rows(reader)["country"].unique())
+        return counts.rows_read, countries
 
 
-def one_line(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> str:
-    assert main([*argv, "-q"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("dispatchkit: error:"), err
-    assert needle in err[0], err[0]
-    return err[0]
+def one_line(source: str | Path, tmp_path: Path, needle: str) -> str:
+    """The input is refused with one line (what the CLI prints) holding ``needle``."""
+    with pytest.raises(InputError) as err:
+        InputReader(resolve_inputs(source), covid, work_dir=tmp_path / "w")
+    line = str(err.value)
+    assert len(line.splitlines()) == 1, line
+    assert needle in line, line
+    return line
 
 
 # -- resolution ------------------------------------------------------------------------
@@ -94,9 +95,10 @@ def test_output_directory_with_glob_characters(tmp_path: Path) -> None:
     src.write_text(HEADER + rows("Italy", 30))
     out = tmp_path / "out[1]*"
     (tmp_path / "out1x").mkdir()  # what the unescaped pattern would match
-    summary = run_embedded(RunSpec(input=str(src), out=out, workers=1, report=False, quiet=True))
-    assert summary.status == "complete" and summary.rows_valid == 30
-    assert_exact(pl.read_parquet(out / "results.parquet", glob=False), reference(src))
+    jobs, counts = covid_jobs([src], out / ".spill", out=out)
+    assert counts.rows_valid == 30
+    assert jobs.equals(reference(src))
+    assert pl.read_parquet(out / "quarantine.parquet", glob=False).is_empty()
 
 
 def test_links_and_loops_read_each_real_file_once(tmp_path: Path) -> None:
@@ -151,27 +153,21 @@ def test_csv_header_is_normalized(tmp_path: Path, header: str) -> None:
     path.write_text(header + rows("Italy", 20), encoding="utf-8")
     clean = tmp_path / "clean.csv"
     clean.write_text(HEADER + rows("Italy", 20))
-    summary = run_embedded(
-        RunSpec(input=str(path), out=tmp_path / "o", workers=1, report=False, quiet=True)
-    )
-    assert summary.rows_valid == 20
-    assert_exact(pl.read_parquet(tmp_path / "o" / "results.parquet"), reference(clean))
+    jobs, counts = covid_jobs([path], tmp_path / "w")
+    assert counts.rows_valid == 20
+    assert jobs.equals(reference(clean))
 
 
-def test_csv_header_case_is_kept_but_named(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_csv_header_case_is_kept_but_named(tmp_path: Path) -> None:
     path = tmp_path / "c.csv"
     path.write_text("Country,test_datetime,result\n" + rows("Italy", 2))
-    one_line(capsys, ["run", str(path), "--out", str(tmp_path / "o")], "names are case-sensitive")
+    one_line(path, tmp_path, "names are case-sensitive")
 
 
-def test_csv_duplicate_column_after_normalizing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_csv_duplicate_column_after_normalizing(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_text("country, country,test_datetime,result\nA,B,2020-03-01T05:00:00Z,pos\n")
-    one_line(capsys, ["run", str(path), "--out", str(tmp_path / "o")], "appears more than once")
+    one_line(path, tmp_path, "appears more than once")
 
 
 def test_three_csv_files_with_row_numbers_per_file(tmp_path: Path) -> None:
@@ -193,10 +189,9 @@ def test_three_csv_files_with_row_numbers_per_file(tmp_path: Path) -> None:
 
     for source in (str(d), f"{d}/*.csv"):
         out = tmp_path / ("o-dir" if source == str(d) else "o-glob")
-        summary = run_embedded(RunSpec(input=source, out=out, workers=2, report=False, quiet=True))
-        assert summary.status == "complete"
-        assert summary.rows_read == 50 + 18 + 7 == summary.rows_valid + summary.rows_quarantined
-        assert_exact(pl.read_parquet(out / "results.parquet"), reference(clean))
+        jobs, counts = covid_jobs(resolve_inputs(source), out / ".spill", out=out)
+        assert counts.rows_read == 50 + 18 + 7 == counts.rows_valid + counts.rows_bad
+        assert jobs.equals(reference(clean))
         q = pl.read_parquet(out / "quarantine.parquet")
         assert q.select("file", "row").rows() == [(str(d / "2.csv"), r) for r in (11, 12, 18)]
 
@@ -213,11 +208,7 @@ def test_three_csv_files_with_row_numbers_per_file(tmp_path: Path) -> None:
     ],
 )
 def test_files_disagreeing_on_a_column_type_are_refused(
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    column: str,
-    other: pa.DataType,
-    needle: str,
+    tmp_path: Path, column: str, other: pa.DataType, needle: str
 ) -> None:
     parquet(tmp_path / "a.parquet", "Italy")
     if column == "country":
@@ -241,17 +232,15 @@ def test_files_disagreeing_on_a_column_type_are_refused(
             ),
             tmp_path / "b.parquet",
         )
-    line = one_line(capsys, ["run", f"{tmp_path}/*.parquet", "--out", str(tmp_path / "o")], needle)
+    line = one_line(f"{tmp_path}/*.parquet", tmp_path, needle)
     assert str(tmp_path / "b.parquet") in line and str(tmp_path / "a.parquet") in line
 
 
-def test_a_wrong_type_in_one_file_names_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_wrong_type_in_one_file_names_it(tmp_path: Path) -> None:
     parquet(tmp_path / "a.parquet", [1, 2], country_type=pa.int64())
     one_line(
-        capsys,
-        ["run", str(tmp_path / "a.parquet"), "--out", str(tmp_path / "o")],
+        tmp_path / "a.parquet",
+        tmp_path,
         f"{tmp_path / 'a.parquet'}: column country has type int64; expected text",
     )
 
@@ -262,12 +251,10 @@ def test_timestamp_units_may_differ_across_files(tmp_path: Path) -> None:
     c = parquet(
         tmp_path / "c.parquet", "Chile", 6, country_type=pa.dictionary(pa.int32(), pa.string())
     )
-    summary = run_embedded(
-        RunSpec(input=str(tmp_path), out=tmp_path / "o", workers=1, report=False, quiet=True)
-    )
-    assert summary.rows_valid == 15
+    jobs, counts = covid_jobs(resolve_inputs(tmp_path), tmp_path / "w")
+    assert counts.rows_valid == 15
     ref = pl.concat([reference(p) for p in (a, b, c)]).sort("country", "date_hour")
-    assert_exact(pl.read_parquet(tmp_path / "o" / "results.parquet"), ref)
+    assert jobs.equals(ref)
 
 
 # -- staging -------------------------------------------------------------------------------
@@ -281,8 +268,8 @@ def test_staging_is_private_to_each_reader_and_removed(tmp_path: Path) -> None:
     (tmp_path / "y" / "covid.csv").write_text(HEADER + rows("Spain", 3))
     spill = tmp_path / "out" / ".spill"
     kw = {"start": DEFAULT_START, "end": DEFAULT_END, "spill_dir": spill}
-    a = InputReader([tmp_path / "x" / "covid.csv"], **kw)  # type: ignore[arg-type]
-    b = InputReader([tmp_path / "y" / "covid.csv"], **kw)  # type: ignore[arg-type]
+    a = InputReader([tmp_path / "x" / "covid.csv"], covid, **kw)  # type: ignore[arg-type]
+    b = InputReader([tmp_path / "y" / "covid.csv"], covid, **kw)  # type: ignore[arg-type]
     assert b.counts().rows_read == 3
     b.close()
     assert a.counts().rows_read == 10
@@ -297,6 +284,7 @@ def test_staging_is_removed_when_the_input_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="missing column"):
         InputReader(
             [tmp_path / "1.csv", tmp_path / "2.csv"],
+            covid,
             start=DEFAULT_START,
             end=DEFAULT_END,
             spill_dir=spill,
@@ -321,14 +309,10 @@ def test_over_long_country_is_quarantined_with_its_row(tmp_path: Path) -> None:
         + rows("Italy", 2),
         encoding="utf-8",
     )
-    summary = run_embedded(
-        RunSpec(input=str(path), out=tmp_path / "o", workers=1, report=False, quiet=True)
-    )
-    assert summary.status == "complete"
-    assert summary.rows_read == 10 == summary.rows_valid + summary.rows_quarantined
-    assert summary.bad_rows == {"country_too_long": 2}
+    jobs, counts = covid_jobs([path], tmp_path / "w", out=tmp_path / "o")
+    assert counts.rows_read == 10 == counts.rows_valid + counts.rows_bad
+    assert counts.bad == {"country_too_long": 2}
     q = pl.read_parquet(tmp_path / "o" / "quarantine.parquet")
     assert q["row"].to_list() == [7, 8]
     assert set(q["reason"]) == {"country is longer than 1024 bytes"}
-    results = pl.read_parquet(tmp_path / "o" / "results.parquet")
-    assert sorted(results["country"].unique()) == sorted(["Italy", "é" * 512])
+    assert sorted(jobs["country"].unique()) == sorted(["Italy", "é" * 512])

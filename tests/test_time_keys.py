@@ -16,12 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dispatchkit.dispatcher import Dispatcher, batch_key, iso_hour
-from dispatchkit.message import Job, JobBatch
+from dispatchkit.apps.covid import app as covid
 from dispatchkit.reader import InputReader
-from dispatchkit.runner import RunSpec, run_embedded
 
-from .conftest import NS_PER_HOUR, assert_exact, iso_to_ns, reference
+from .conftest import NS_PER_HOUR, covid_jobs, iso_to_ns, reference, sorted_rows
 
 HEADER_CSV = "country,test_datetime,result\n"
 NS_PER = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
@@ -51,27 +49,27 @@ def write_parquet(
 
 
 def cut(path: Path, tmp_path: Path, start: datetime, end: datetime) -> tuple[pl.DataFrame, int]:
-    """(country, hour, tests, positives) per job from InputReader + Dispatcher; rows bad."""
-    with InputReader([path], start=start, end=end, spill_dir=tmp_path / "spill") as reader:
-        counts = reader.counts()
-        d = Dispatcher(reader, run_id="r", task="positive-rate")
-        rows = [
-            (j.country, j.date_hour // 3600, j.n, _ones(j.outcomes, j.n))
-            for b in d.batches()
-            for j in b.jobs
-        ]
-    assert counts.rows_read == counts.rows_valid + counts.rows_bad
-    assert sum(r[2] for r in rows) == counts.rows_valid
-    assert counts.jobs == len(rows)
-    frame = pl.DataFrame(rows, schema=["country", "hour", "tests", "positives"], orient="row").sort(
-        "country", "hour"
+    """(country, hour, tests, positives) per job from the reader's sorted rows; rows bad.
+
+    The hour is the key's ``date_hour`` as its stored integer (epoch µs) over the µs in an
+    hour, which must divide it exactly: a floor is a whole hour.
+    """
+    with InputReader([path], covid, start=start, end=end, work_dir=tmp_path / "spill") as r:
+        counts = r.counts()
+        frame = sorted_rows(r)
+    us = frame["date_hour"].dt.epoch("us")
+    assert (us % (NS_PER_HOUR // 1000) == 0).all()
+    frame = (
+        frame.with_columns(hour=us // (NS_PER_HOUR // 1000))
+        .group_by("country", "hour")
+        .agg(pl.len().alias("tests"), pl.col("result").sum().cast(pl.Int64).alias("positives"))
+        .with_columns(pl.col("tests").cast(pl.Int64))
+        .sort("country", "hour")
     )
+    assert counts.rows_read == counts.rows_valid + counts.rows_bad
+    assert frame["tests"].sum() == counts.rows_valid
+    assert counts.jobs == frame.height
     return frame, counts.rows_bad
-
-
-def _ones(packed: bytes, n: int) -> int:
-    bits = "".join(f"{b:08b}" for b in packed)[:n]
-    return bits.count("1")
 
 
 def expected(
@@ -145,40 +143,42 @@ def test_times_before_1970_run_exact_end_to_end(tmp_path: Path, unit: str) -> No
     assert got.equals(want) and bad == want_bad == 1
     assert -1 in got["hour"].to_list() and -2 in got["hour"].to_list()
 
-    summary = run_embedded(
-        RunSpec(
-            input=str(path),
-            out=tmp_path / "out",
-            workers=1,
-            start=start,
-            end=end,
-            report=False,
-            quiet=True,
-        )
-    )
-    assert summary.status == "complete"
-    assert summary.rows_read == summary.rows_valid + summary.rows_quarantined == 8
-    results = pl.read_parquet(tmp_path / "out" / "results.parquet")
+    jobs, counts = covid_jobs([path], tmp_path / "w", start=start, end=end)
+    assert counts.rows_read == counts.rows_valid + counts.rows_bad == 8
     ref = reference(path).filter(pl.col("date_hour") >= start)
-    assert_exact(results, ref)
+    assert jobs.equals(ref)
 
 
-def test_times_before_the_nanosecond_range_in_microseconds(tmp_path: Path) -> None:
-    """A microsecond column holds years a nanosecond integer cannot: 1500 is floored too."""
-    instants = ["1500-03-01T05:59:59.999999Z", "1500-03-01T06:00:00Z", "9999-12-31T23:59:59Z"]
+def test_microseconds_beyond_the_nanosecond_range_are_out_of_range(tmp_path: Path) -> None:
+    """Time is exact epoch ns: a µs instant outside 1677-09-21..2262-04-11 cannot be kept.
+
+    It is quarantined as out of range, whatever the run's range, never wrapped or
+    rounded; instants near the edges of the nanosecond range are floored exactly.
+    """
+    instants = [
+        "1500-03-01T05:59:59.999999Z",  # before the ns range
+        "9999-12-31T23:59:59Z",  # after it
+        "1677-09-21T01:59:59.999999Z",  # inside it, near its start
+        "1677-09-21T02:00:00Z",
+        "2262-04-11T22:59:59.999999Z",  # inside it, near its end
+    ]
     ns = [iso_to_ns(t) for t in instants]
     path = tmp_path / "far.parquet"
     write_parquet(path, ns, "us", "UTC")
     start, end = datetime(1, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, 23, tzinfo=UTC)
     got, bad = cut(path, tmp_path, start, end)
-    want, want_bad = expected(
-        ns,
-        ["Italy"] * 3,
-        [True] * 3,
-        iso_to_ns("0001-01-01T00:00:00Z"),
-        iso_to_ns("9999-12-31T23:00:00Z"),
+    ns_min, ns_max = -(1 << 63) + 1, (1 << 63) - 1
+    want, want_bad = expected(ns, ["Italy"] * 5, [True] * 5, ns_min, ns_max)
+    assert got.equals(want) and bad == want_bad == 2
+    assert got["hour"].to_list() == sorted(v // NS_PER_HOUR for v in ns[2:])
+    with InputReader([path], covid, start=start, end=end, work_dir=tmp_path / "w") as reader:
+        assert reader.counts().bad == {"test_datetime_out_of_range": 2}
+        field, why = reader.reasons["test_datetime_out_of_range"]
+    assert field == "test_datetime"
+    assert why == (
+        "test_datetime is outside the run's range "
+        "[1677-09-21T00:12:43.145224193Z, 2262-04-11T23:47:16.854775807Z)"
     )
-    assert got.equals(want) and bad == want_bad == 1
 
 
 def test_csv_text_with_nine_digits_and_offsets_is_floored(tmp_path: Path) -> None:
@@ -217,13 +217,6 @@ def test_csv_text_before_1970(tmp_path: Path) -> None:
     )
     assert got.equals(want) and bad == 0
     assert got["hour"].to_list() == sorted(iso_to_ns(t) // NS_PER_HOUR for t in texts)
-
-
-def test_hour_names_and_batch_keys_before_1970() -> None:
-    assert iso_hour(-3600) == "1969-12-31T23:00:00Z"
-    assert iso_hour(-2208988800) == "1900-01-01T00:00:00Z"
-    job = Job("j", "Peru", -3600, 0, 1, 1, b"\x80")
-    assert batch_key(JobBatch(1, "r", "b", "t", [job])) == b"Peru|1969-12-31"
 
 
 # -- property: any instant within +-200 years, any unit -----------------------------------

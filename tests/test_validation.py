@@ -7,12 +7,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from dispatchkit.apps.covid import NEGATIVE, POSITIVE
+from dispatchkit.apps.covid import app as covid
 from dispatchkit.errors import BadRowError
 from dispatchkit.generator import GenerateSpec, generate
-from dispatchkit.runner import RunSpec, run_embedded
-from dispatchkit.schema import NEGATIVE, POSITIVE
+from dispatchkit.reader import InputReader
 
-from .conftest import assert_exact, normalize
+from .conftest import covid_jobs, normalize
 
 START, END = "2020-03-01T00:00:00Z", "2021-01-01T00:00:00Z"
 
@@ -64,20 +65,18 @@ def test_dirty_rows_are_quarantined_and_valid_rows_exact(tmp_path: Path, suffix:
     assert sum(gen.bad_rows.values()) >= 0.01 * gen.rows
     expected, bad_kinds = independent_clean(path)
 
-    summary = run_embedded(RunSpec(input=str(path), out=tmp_path / "out", workers=2))
-    assert summary.status == "complete"
-    assert summary.rows_read == gen.rows
-    assert summary.rows_read == summary.rows_valid + summary.rows_quarantined
-    assert summary.bad_rows == bad_kinds
+    results, counts = covid_jobs([path], tmp_path / "work", out=tmp_path / "out")
+    assert counts.rows_read == gen.rows
+    assert counts.rows_read == counts.rows_valid + counts.rows_bad
+    assert counts.bad == bad_kinds
     for kind, n in gen.bad_rows.items():
-        assert summary.bad_rows.get(kind, 0) == n, kind
+        assert counts.bad.get(kind, 0) == n, kind
 
-    results = pl.read_parquet(tmp_path / "out" / "results.parquet")
-    assert_exact(results, expected)
-    assert results["tests"].sum() == summary.rows_valid
+    assert results.equals(expected)
+    assert results["tests"].sum() == counts.rows_valid
 
     q = pl.read_parquet(tmp_path / "out" / "quarantine.parquet")
-    assert q.height == summary.rows_quarantined
+    assert q.height == counts.rows_bad
     assert set(q.columns) >= {
         "file",
         "row",
@@ -103,7 +102,7 @@ def test_quarantine_row_numbers_point_at_the_bad_rows(tmp_path: Path) -> None:
         "Italy,2020-03-01T05:10:00Z,maybe\n"
         '"  ",2020-03-01T05:10:00Z,neg\n'
     )
-    summary = run_embedded(RunSpec(input=str(path), out=tmp_path / "o", workers=1))
+    _, counts = covid_jobs([path], tmp_path / "work", out=tmp_path / "o")
     q = pl.read_csv(tmp_path / "o" / "quarantine.csv").sort("row")
     assert q["row"].to_list() == [2, 3, 4, 5, 6]
     assert q["field"].to_list() == [
@@ -113,8 +112,12 @@ def test_quarantine_row_numbers_point_at_the_bad_rows(tmp_path: Path) -> None:
         "result",
         "country",
     ]
-    assert "outside" in q["reason"][2] and "accepted spelling" in q["reason"][3]
-    assert summary.rows_valid == 1
+    assert q["reason"][2] == (
+        "test_datetime is outside the run's range [2020-03-01T00:00:00Z, 2021-01-01T00:00:00Z)"
+    )
+    assert q["reason"][3] == "result is not an accepted spelling of true/false"
+    assert q["result"][3] == "maybe" and q["country"][4] == "  "
+    assert counts.rows_valid == 1
 
 
 def test_strict_stops_at_the_first_bad_row(tmp_path: Path) -> None:
@@ -123,5 +126,14 @@ def test_strict_stops_at_the_first_bad_row(tmp_path: Path) -> None:
         "country,test_datetime,result\nItaly,2020-03-01T05:10:00Z,pos\n"
         "Italy,2020-03-01T05:10:00Z,perhaps\n"
     )
-    with pytest.raises(BadRowError, match="row 2: result is not an accepted spelling"):
-        run_embedded(RunSpec(input=str(path), out=tmp_path / "o", workers=1, strict=True))
+    with (
+        InputReader([path], covid, strict=True, work_dir=tmp_path / "w") as reader,
+        pytest.raises(BadRowError, match="row 2: result is not an accepted spelling") as err,
+    ):
+        reader.counts()
+    assert str(err.value) == (
+        f"{path}: row 2: result is not an accepted spelling of true/false (value 'perhaps'); "
+        "--strict stops here"
+    )
+    with InputReader([path], covid, work_dir=tmp_path / "w") as reader:
+        assert reader.counts().bad == {"result_invalid": 1}  # not strict: counted

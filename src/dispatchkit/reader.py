@@ -1,18 +1,29 @@
 """Reading input files: resolve paths, check the schema, validate rows, sort out of core.
 
-The reader is the dispatcher's I/O edge. It hands DuckDB the files (Parquet directly;
-CSV after a streaming pass through PyArrow that records each row's number) and builds
-one SQL view, ``checked``, that normalizes every row and names what is wrong with it
-(see :mod:`dispatchkit.schema`). Three queries then run over that view:
+The reader is the dispatcher's I/O edge, driven by an :class:`~dispatchkit.app.App`: its
+declared columns are the input contract, its key cuts the rows into jobs. It hands
+DuckDB the files (Parquet directly, one scan per group of files whose declared columns
+have the same types; CSV after a streaming pass through PyArrow that records each row's
+number) and builds one SQL view, ``checked``, holding each row's file and row number,
+its declared columns as text (for the quarantine), their normalized values and the code
+of the first rule it fails (:mod:`dispatchkit.rules`). Queries over that view give
 
-1. counts per reason (rows read, rows valid, rows bad);
-2. the bad rows, written to ``quarantine.parquet`` and ``quarantine.csv``;
-3. the valid rows as ``(country_id, hour, positive)`` sorted by ``(country_id, hour)``,
-   streamed back in Arrow record batches.
+1. :meth:`InputReader.counts`: rows read, rows failing each rule, jobs, the largest job;
+2. :meth:`InputReader.write_quarantine`: the bad rows, to ``quarantine.parquet`` and
+   ``quarantine.csv``;
+3. :meth:`InputReader.sorted_valid`: the valid rows with their ``bucket`` and key columns
+   and the columns a task reads, sorted by ``(bucket, key)``, streamed back in Arrow
+   record batches.
+
+``bucket`` is :data:`NBUCKETS`-way hash of the key, the same in every process, machine
+and DuckDB version: the MD5 digest of the key's values as text (joined by ``chr(31)``;
+a floored time as integer epoch microseconds, a boolean as ``true``/``false``), read as
+an unsigned little-endian 128-bit integer, modulo :data:`NBUCKETS` (see
+:func:`key_bucket`).
 
 Memory stays bounded because DuckDB sorts out of core: it is given a memory limit and a
-spill directory, and we only ever hold one record batch (plus the rows of the job being
-cut) in Python. Input size changes the spill size and the time, not the peak memory.
+spill directory, and we only ever hold one record batch in Python. Input size changes
+the spill size and the time, not the peak memory.
 """
 
 from __future__ import annotations
@@ -23,33 +34,63 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from dispatchkit.errors import BadRowError, InputError
-from dispatchkit.schema import MAX_KEY_BYTES, NEGATIVE, POSITIVE, REASONS, REQUIRED_COLUMNS
+from dispatchkit.app import App, Bool, Column, Float, Int, Text, Timestamp
+from dispatchkit.errors import BadRowError, InputError, UsageError
+from dispatchkit.keys import Floor, KeySpec, epoch_us, floor_us_sql
+from dispatchkit.rules import (
+    SESSION_SQL,
+    alias,
+    arrow_kind,
+    check_input_type,
+    compile_rules,
+    literal,
+    quote,
+    reason_case_sql,
+    reasons,
+)
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv",)
 GLOB_CHARS = "*?["
 
-#: Added to an hour since the epoch in the sort key, so that hours before 1970 sort and
-#: decode too: every hour of the years 1-9999 (all ``--start``/``--end`` can name) plus
-#: the bias lies in ``[0, 2**32)``.
-HOUR_BIAS = 1 << 31
+#: Buckets of the key hash; the dispatcher uses a job's bucket as its message key.
+NBUCKETS: Final = 256
+#: Separates a key's values in the text that is hashed into its bucket.
+KEY_SEPARATOR: Final = chr(31)
 
-_UNIT_PER_HOUR = {"us": 3_600_000_000, "ns": 3_600_000_000_000}
+#: Quarantine columns before the declared ones; a declared column may not take them.
+QUARANTINE_COLUMNS: Final = ("file", "row", "field", "reason")
+
+#: Arrow types of the normalized non-key columns in :meth:`InputReader.sorted_valid`.
+VALUE_TYPES: Final[dict[type[Column], pa.DataType]] = {
+    Int: pa.int64(),
+    Float: pa.float64(),
+    Text: pa.string(),
+    Bool: pa.bool_(),
+    Timestamp: pa.timestamp("ns", tz="UTC"),
+}
+
+# Columns of the ``checked`` view that are not declared columns (never clash with one:
+# a declared column is never named with a ``dk:`` or ``raw:`` prefix in the view).
+_FID, _ROW, _FILE, _REASON = '"dk:fid"', '"dk:row"', '"dk:file"', '"dk:reason"'
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _raw(name: str) -> str:
+    """The quoted name of a declared column's input value as text, in ``checked``."""
+    return quote("raw:" + name)
 
 
 def resolve_inputs(source: str | Path) -> list[Path]:
@@ -196,50 +237,101 @@ def fingerprint(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def key_bucket(keyspec: KeySpec, key: Mapping[str, object] | Sequence[object]) -> int:
+    """The bucket of a key (a dict by key name, or its values in key order).
+
+    The same number :meth:`InputReader.sorted_valid` gives its rows, computed in Python.
+    """
+    values = keyspec.values(key) if isinstance(key, Mapping) else tuple(key)
+    parts = []
+    for v in values:
+        if isinstance(v, bool):
+            parts.append("true" if v else "false")
+        elif isinstance(v, datetime):
+            parts.append(str(epoch_us(v)))
+        else:
+            parts.append(str(v))
+    digest = hashlib.md5(KEY_SEPARATOR.join(parts).encode(), usedforsecurity=False).digest()
+    return int.from_bytes(digest, "little") % NBUCKETS
+
+
 @dataclass(frozen=True)
 class RowCounts:
-    """How many rows were read and how many failed each check."""
+    """How many rows were read, how many failed each rule, the jobs and the largest one.
+
+    ``largest_job`` is ``(key, rows, bytes)`` of the job whose read columns are the most
+    bytes by estimate (8 per integer, float or timestamp value, 1 per boolean, the UTF-8
+    length + 4 per text), or None when no row is valid.
+    """
 
     rows_read: int
     rows_valid: int
     bad: dict[str, int] = field(default_factory=dict)
-    jobs: int = 0  # distinct (country, hour) keys among the valid rows
+    jobs: int = 0  # distinct keys among the valid rows
+    largest_job: tuple[dict[str, Any], int, int] | None = None
 
     @property
     def rows_bad(self) -> int:
         return sum(self.bad.values())
 
 
-def _sql_list(values: tuple[str, ...]) -> str:
-    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
-
-
 class InputReader:
-    """A DuckDB session over the input files, limited in memory and spilling to disk.
+    """A DuckDB session over the input files of an app, limited in memory, spilling to disk.
 
-    Its files (CSV staging copies, DuckDB's spill files) live in a directory of its own
-    under ``spill_dir``, made unique per reader and removed by :meth:`close` — also when
-    the constructor fails — so two processes can share an output directory's spill dir.
+    ``start``/``end`` replace the bounds of the app's ``run_range=True`` Timestamp column
+    (an app without one refuses them); None keeps the column's own ``min``/``max``. With
+    ``strict``, :meth:`counts` raises :class:`BadRowError` for the first invalid row.
+
+    Its files (CSV staging copies, DuckDB's spill files) live in a directory of its own,
+    :attr:`work_dir`, made unique per reader under ``work_dir`` (the argument; also
+    accepted as ``spill_dir``, its former name; default: the system's temporary
+    directory) and removed by :meth:`close` — also when the constructor fails — so two
+    processes can share an output directory's spill directory.
     """
 
     def __init__(
         self,
         paths: list[Path],
+        app: App,
         *,
-        start: datetime,
-        end: datetime,
-        spill_dir: Path,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        strict: bool = False,
+        work_dir: Path | None = None,
+        spill_dir: Path | None = None,
         memory_limit: str = "384MB",
         threads: int = 2,
     ) -> None:
-        self.paths = paths
+        if not paths:
+            raise InputError("no input files")
+        if work_dir is not None and spill_dir is not None and work_dir != spill_dir:
+            raise UsageError("InputReader: give work_dir or spill_dir, not both")
+        self.paths = list(paths)
+        self.app = app
+        self.keyspec = app.keyspec
         self.start = start
         self.end = end
-        self.spill_dir = spill_dir
-        spill_dir.mkdir(parents=True, exist_ok=True)
-        self.work_dir = Path(tempfile.mkdtemp(prefix="reader-", dir=spill_dir))
+        self.strict = strict
+        self.run_range = None if start is None and end is None else (start, end)
+        if self.run_range is not None and app.run_range_column is None:
+            raise UsageError(
+                f"--start/--end: app {app.name} has no Timestamp column with run_range=True"
+            )
+        taken = [c for c in QUARANTINE_COLUMNS if c in app.input_columns]
+        if taken:
+            raise UsageError(
+                f"app {app.name}: column {taken[0]} clashes with a quarantine column "
+                f"({', '.join(QUARANTINE_COLUMNS)}); rename it"
+            )
+        if "bucket" in self.keyspec.names:
+            raise UsageError(f"app {app.name}: a key column may not be named bucket")
+        base = work_dir or spill_dir or Path(tempfile.gettempdir())
+        self.spill_dir = base
+        base.mkdir(parents=True, exist_ok=True)
+        self.work_dir = Path(tempfile.mkdtemp(prefix="reader-", dir=base))
         self._staged: list[Path] = []
-        self.countries: list[str] = []
+        self._reasons: dict[str, tuple[str, str]] = {}
+        self._counts: dict[tuple[str, ...], RowCounts] = {}
         self.con: duckdb.DuckDBPyConnection | None = None
         try:
             self.con = duckdb.connect(
@@ -249,7 +341,7 @@ class InputReader:
                     "temp_directory": str(self.work_dir / "duckdb"),
                 }
             )
-            self._con.execute("SET TimeZone = 'UTC'")
+            self._con.execute(SESSION_SQL)
             self._build_view()
         except BaseException:
             self.close()
@@ -266,6 +358,7 @@ class InputReader:
     def close(self) -> None:
         if self.con is not None:
             self.con.close()
+            self.con = None
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     @property
@@ -273,53 +366,68 @@ class InputReader:
         assert self.con is not None
         return self.con
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The app's declared columns, in declaration order."""
+        return tuple(self.app.input_columns)
+
+    @property
+    def reasons(self) -> dict[str, tuple[str, str]]:
+        """``code -> (field, reason)`` of every rule the input's rows are checked against."""
+        return dict(self._reasons)
+
     # -- building the view -------------------------------------------------------------
 
     def _build_view(self) -> None:
+        cols = ", ".join(quote(c) for c in self.columns)
         if self.paths[0].suffix.lower() in CSV_SUFFIXES:
-            files = [self._stage_csv(p) for p in self.paths]
-            scans = [(self.paths[0], f"SELECT * FROM read_parquet([{_duck_paths(files)}])")]
+            files = [self._stage_csv(i, p) for i, p in enumerate(self.paths)]
+            where = self.paths[0] if len(self.paths) == 1 else f"{self.paths[0]} (and others)"
+            scans = [(where, f"SELECT * FROM read_parquet([{_duck_paths(files)}])")]
         else:
-            scans = [
-                (
-                    group[0],
-                    f"SELECT file_row_number + 1 AS row, filename AS file, country, "
-                    f"test_datetime, result FROM read_parquet([{_duck_paths(group)}], "
-                    f"filename = true, file_row_number = true, union_by_name = true)",
+            index = {p: i for i, p in enumerate(self.paths)}
+            scans = []
+            for group in self._parquet_groups():
+                fids = ", ".join(str(index[p]) for p in group)
+                where = group[0] if len(group) == 1 else f"{group[0]} (and files like it)"
+                scans.append(
+                    (
+                        where,
+                        f"SELECT [{fids}][CAST(file_index AS BIGINT) + 1] AS {_FID}, "
+                        f"CAST(file_row_number AS BIGINT) + 1 AS {_ROW}, filename AS {_FILE}, "
+                        f"{cols} FROM read_parquet([{_duck_paths(group)}], union_by_name = true)",
+                    )
                 )
-                for group in self._parquet_groups()
-            ]
-        branches = [self._branch(first, scan) for first, scan in scans]
-        reason = (
-            "CASE "
-            + " ".join(
-                f"WHEN {cond} THEN '{code}'"
-                for code, cond in (
-                    ("country_missing", "country_t IS NULL"),
-                    ("country_empty", "country_t = ''"),
-                    ("country_too_long", f"strlen(country_t) > {MAX_KEY_BYTES}"),
-                    ("test_datetime_missing", "ts_missing"),
-                    ("test_datetime_unparseable", "hour IS NULL"),
-                    ("test_datetime_out_of_range", "NOT in_range"),
-                    ("result_missing", "res IS NULL"),
-                    ("result_invalid", f"res NOT IN ({_sql_list(POSITIVE + NEGATIVE)})"),
-                )
-            )
-            + " END"
+        branches = [self._branch(where, scan) for where, scan in scans]
+        self._con.execute(f"CREATE VIEW checked AS {' UNION ALL '.join(branches)}")
+
+    def _branch(self, where: object, scan: str) -> str:
+        """One scan's rows: file, row, the declared columns as text, normalized, checked."""
+        try:
+            described = self._con.execute(f"DESCRIBE {scan}").fetchall()
+        except duckdb.Error as exc:
+            raise InputError(f"{where}: cannot read input ({_short(exc)})") from None
+        types = {str(r[0]): str(r[1]) for r in described}
+        compiled = compile_rules(
+            self.app.input_columns, types, where=where, run_range=self.run_range
         )
-        self._con.execute(
-            f"""
-            CREATE VIEW normalized AS {" UNION ALL ".join(branches)};
-            CREATE VIEW checked AS SELECT *, {reason} AS reason FROM normalized;
-            """
+        self._reasons.update(reasons(compiled))
+        values = ", ".join(f"{c.value} AS {c.alias}" for c in compiled)
+        raws = ", ".join(f"CAST({quote(c.name)} AS VARCHAR) AS {_raw(c.name)}" for c in compiled)
+        aliases = ", ".join(c.alias for c in compiled)
+        return (
+            f"SELECT {_FID}, {_ROW}, {_FILE}, {raws}, {aliases}, "
+            f"{reason_case_sql(compiled)} AS {_REASON} "
+            f"FROM (SELECT *, {values} FROM ({scan}))"
         )
 
     def _parquet_groups(self) -> list[list[Path]]:
-        """The Parquet files grouped by the exact types of their three columns.
+        """The Parquet files grouped by the exact types of their declared columns.
 
         Each group is read by one scan, so DuckDB never casts a column from one file's
         type to another's; files whose types differ in kind (text against a number, a
-        timestamp against text) are refused, naming the file, the column and both types.
+        timestamp against text) are refused, naming the file, the column and both types,
+        and so is a type no rule of the column can read.
         """
         groups: dict[tuple[str, ...], list[Path]] = {}
         first: dict[str, tuple[Path, str, str]] = {}  # column -> (file, type, kind)
@@ -328,82 +436,32 @@ class InputReader:
                 schema = pq.read_schema(p)
             except Exception as exc:
                 raise InputError(f"{p}: not a readable Parquet file ({_short(exc)})") from None
-            _require_columns(p, list(schema.names))
+            _require_columns(p, list(schema.names), self.columns)
             types = []
-            for col in REQUIRED_COLUMNS:
+            for col, rule in self.app.input_columns.items():
                 if schema.names.count(col) > 1:
                     raise InputError(f"{p}: column {col} appears more than once")
                 t = schema.field(col).type
-                kind = _kind(t)
+                kind = arrow_kind(t)
                 f0, t0, k0 = first.setdefault(col, (p, str(t), kind))
                 if kind != k0:
                     raise InputError(
                         f"{p}: column {col} has type {t}, but {t0} in {f0}; "
                         "every input file must give it the same kind of type"
                     )
-                if kind not in _ACCEPTED[col]:
-                    raise InputError(f"{p}: column {col} has type {t}; expected {_EXPECTED[col]}")
+                check_input_type(p, col, rule, t)
                 types.append(str(t))
             groups.setdefault(tuple(types), []).append(p)
         return list(groups.values())
 
-    def _branch(self, first: Path, scan: str) -> str:
-        """One scan's rows normalized: the key, the hour floored exactly, the range check.
-
-        ``ts`` is the instant as an exact integer: microseconds, or nanoseconds for a
-        nanosecond column (never rounded to microseconds), text parsed with offsets to
-        microseconds (DuckDB truncates further digits, which floors a civil time). The
-        range is compared in that unit against ``start``/``end`` converted exactly, and the
-        hour is a true floor division for instants before 1970 too.
-        """
-        types = {
-            row[0]: str(row[1]).upper() for row in self._con.execute(f"DESCRIBE {scan}").fetchall()
-        }
-        where = first if len(self.paths) == 1 else f"{first} (and files like it)"
-        tt = types["test_datetime"]
-        if tt in ("VARCHAR", "STRING"):
-            ts, unit = "epoch_us(TRY_CAST(test_datetime AS TIMESTAMPTZ))", "us"
-        elif tt.startswith("TIMESTAMP") and "NS" in tt:
-            ts, unit = "epoch_ns(test_datetime)", "ns"
-        elif tt.startswith("TIMESTAMP"):
-            ts, unit = "epoch_us(test_datetime)", "us"
-        else:
-            raise InputError(
-                f"{where}: column test_datetime has type {tt}; "
-                "expected a timestamp or ISO 8601 text"
-            )
-        rt = types["result"]
-        if rt == "VARCHAR":
-            res = f"lower({_strip('result')})"
-        elif rt == "BOOLEAN":
-            res = "CASE WHEN result THEN 'positive' WHEN NOT result THEN 'negative' END"
-        else:
-            raise InputError(f"{where}: column result has type {rt}; expected text or boolean")
-        if types["country"] != "VARCHAR":
-            raise InputError(f"{where}: column country has type {types['country']}; expected text")
-        lo, hi = _in_unit(self.start, unit), _in_unit(self.end, unit)
-        per_hour = _UNIT_PER_HOUR[unit]
-        # Floor division whatever the sign convention of // and %: DuckDB truncates.
-        hour = f"(ts // {per_hour} - (ts % {per_hour} < 0)::BIGINT)"
-        return f"""
-            SELECT row, file, country, test_datetime, result, country_t, ts_missing, res,
-                   {hour} AS hour, (ts >= {lo} AND ts < {hi}) AS in_range
-            FROM (
-              SELECT row, file, country,
-                     CAST(test_datetime AS VARCHAR) AS test_datetime,
-                     CAST(result AS VARCHAR) AS result,
-                     {_strip("country")} AS country_t, test_datetime IS NULL AS ts_missing,
-                     {ts} AS ts, {res} AS res
-              FROM ({scan})
-            )"""
-
-    def _stage_csv(self, path: Path) -> Path:
-        """Copy a CSV file's required columns, as text and with row numbers, to Parquet.
+    def _stage_csv(self, fid: int, path: Path) -> Path:
+        """Copy a CSV file's declared columns, as text and with row numbers, to Parquet.
 
         Header names are read by us and normalized: a UTF-8 byte order mark and spaces
         around a name are dropped. Case is kept (``Country`` is not ``country``, as in
         Parquet), but named in the error.
         """
+        columns = self.columns
         try:
             with path.open(newline="", encoding="utf-8-sig") as fh:
                 header = next(csv.reader(fh), [])
@@ -417,17 +475,21 @@ class InputReader:
                 f"{path}: header {header[0]!r} is not comma-separated; "
                 "dispatchkit reads CSV with ',' as the delimiter"
             )
-        _require_columns(path, header)
-        for col in REQUIRED_COLUMNS:
+        _require_columns(path, header, columns)
+        for col in columns:
             if header.count(col) > 1:
                 raise InputError(f"{path}: column {col} appears more than once in the header")
-        # Our names for pyarrow: the required ones, and unique placeholders for the rest.
-        names = [h if h in REQUIRED_COLUMNS else f"\x00{i}" for i, h in enumerate(header)]
+        # Our names for pyarrow: the declared ones, and unique placeholders for the rest.
+        names = [h if h in columns else f"\x00{i}" for i, h in enumerate(header)]
         staged = self.work_dir / f"stage-{len(self._staged)}.parquet"
         self._staged.append(staged)
+        stage_schema = pa.schema(
+            [("dk:fid", pa.int64()), ("dk:row", pa.int64()), ("dk:file", pa.string())]
+            + [(c, pa.string()) for c in columns]
+        )
         opts = pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in REQUIRED_COLUMNS},
-            include_columns=list(REQUIRED_COLUMNS),
+            column_types={c: pa.string() for c in columns},
+            include_columns=list(columns),
             # An unquoted empty field is a null; a quoted "" is an empty string.
             strings_can_be_null=True,
             quoted_strings_can_be_null=False,
@@ -441,15 +503,16 @@ class InputReader:
                 parse_options=pacsv.ParseOptions(delimiter=","),
                 convert_options=opts,
             )
-            with pq.ParquetWriter(staged, _STAGE_SCHEMA) as writer:
+            with pq.ParquetWriter(staged, stage_schema) as writer:
                 for batch in reader:
                     n = batch.num_rows
                     cols = [
+                        pa.array([fid] * n, pa.int64()),
                         pa.array(range(row, row + n), pa.int64()),
-                        pa.array([str(path)] * n, pa.string()) if n else pa.array([], pa.string()),
-                        *(batch.column(c) for c in REQUIRED_COLUMNS),
+                        pa.array([str(path)] * n, pa.string()),
+                        *(batch.column(c) for c in columns),
                     ]
-                    writer.write_batch(pa.record_batch(cols, schema=_STAGE_SCHEMA))
+                    writer.write_batch(pa.record_batch(cols, schema=stage_schema))
                     row += n
         except pa.ArrowInvalid as exc:
             raise InputError(f"{path}: malformed CSV ({_short(exc)})") from None
@@ -457,153 +520,231 @@ class InputReader:
             raise InputError(f"{path}: CSV file has a header but no rows")
         return staged
 
+    # -- SQL over ``checked`` -------------------------------------------------------------
+
+    def _key_exprs(self) -> list[str]:
+        """SQL of each key column over ``checked``: the value, or a floor in epoch µs."""
+        out = []
+        for part in self.keyspec.parts:
+            if isinstance(part, Floor):
+                out.append(floor_us_sql(alias(part.column), part.unit))
+            else:
+                out.append(alias(part))
+        return out
+
+    def _bucket_expr(self, keys: Sequence[str]) -> str:
+        text = f" || {literal(KEY_SEPARATOR)} || ".join(f"CAST({k} AS VARCHAR)" for k in keys)
+        # ``+ N) % N`` keeps the bucket the unsigned remainder should md5_number be signed.
+        return f"CAST(((md5_number({text}) % {NBUCKETS}) + {NBUCKETS}) % {NBUCKETS} AS INTEGER)"
+
+    def _value_columns(self, columns: Sequence[str] | None) -> list[str]:
+        """The requested columns that are not key columns (default: the non-key columns)."""
+        declared = self.app.input_columns
+        if columns is None:
+            plain = {p for p in self.keyspec.parts if isinstance(p, str)}
+            return [c for c in declared if c not in plain]
+        if isinstance(columns, str):
+            raise UsageError(f"columns={columns!r}: expected a sequence of column names")
+        unknown = [c for c in columns if c not in declared]
+        if unknown:
+            raise UsageError(
+                f"app {self.app.name} has no column {unknown[0]!r} (columns: {', '.join(declared)})"
+            )
+        out: list[str] = []
+        for c in columns:
+            if c not in self.keyspec.names and c not in out:
+                out.append(c)
+        return out
+
+    def _bytes_expr(self, columns: Sequence[str]) -> str:
+        terms = []
+        for c in columns:
+            rule = self.app.input_columns[c]
+            if isinstance(rule, Text):
+                terms.append(f"(coalesce(strlen({alias(c)}), 0) + 4)")
+            elif isinstance(rule, Bool):
+                terms.append("1")
+            else:
+                terms.append("8")
+        return f"CAST({' + '.join(terms)} AS BIGINT)" if terms else "CAST(0 AS BIGINT)"
+
+    def _key_values(self, values: Sequence[object]) -> dict[str, Any]:
+        key: dict[str, Any] = {}
+        for part, name, v in zip(self.keyspec.parts, self.keyspec.names, values, strict=True):
+            if isinstance(part, Floor) and v is not None:
+                key[name] = _EPOCH + timedelta(microseconds=int(str(v)))
+            else:
+                key[name] = v
+        return key
+
     # -- queries -----------------------------------------------------------------------
 
-    def counts(self) -> RowCounts:
-        """Rows read, rows failing each check, and distinct jobs (one full pass)."""
+    def counts(self, columns: Sequence[str] | None = None) -> RowCounts:
+        """Rows read, rows failing each rule, jobs and the largest job (one full pass).
+
+        ``columns`` are the columns a job's size is estimated over (default: every
+        declared column that is not a key column as is, what a task reads by default).
+        With ``strict``, raises :class:`BadRowError` for the first invalid row instead.
+        """
+        value_cols = tuple(self._value_columns(columns))
+        cached = self._counts.get(value_cols)
+        if cached is None:
+            cached = self._count(value_cols)
+            self._counts[value_cols] = cached
+        if self.strict and cached.rows_bad:
+            self.first_bad_row()
+        return cached
+
+    def _count(self, value_cols: Sequence[str]) -> RowCounts:
+        keys = self._key_exprs()
+        ks = [f"k{i}" for i in range(len(keys))]
+        grouped = ", ".join(
+            f"CASE WHEN {_REASON} IS NULL THEN {k} END AS {n}"
+            for k, n in zip(keys, ks, strict=True)
+        )
         try:
-            rows = self._con.execute(
-                "SELECT coalesce(reason, ''), count(*), "
-                "count(DISTINCT (country_t, hour)) FILTER (WHERE reason IS NULL) "
-                "FROM checked GROUP BY ALL"
+            self._con.execute(
+                f"""
+                CREATE OR REPLACE TEMP TABLE dk_jobs AS
+                SELECT {_REASON} AS reason, {grouped}, count(*) AS n,
+                       sum({self._bytes_expr(value_cols)}) AS b
+                FROM checked GROUP BY ALL
+                """
+            )
+            by_reason = self._con.execute(
+                "SELECT coalesce(reason, ''), sum(n), count(*) FROM dk_jobs GROUP BY 1"
+            ).fetchall()
+            largest = self._con.execute(
+                f"SELECT n, b, {', '.join(ks)} FROM dk_jobs WHERE reason IS NULL "
+                f"ORDER BY b DESC, n DESC, {', '.join(ks)} LIMIT 1"
             ).fetchall()
         except duckdb.Error as exc:
             raise InputError(f"cannot read input: {_short(exc)}") from None
-        by_reason = {str(r): int(n) for r, n, _ in rows}
-        jobs = sum(int(j) for r, _, j in rows if r == "")
-        valid = by_reason.pop("", 0)
+        finally:
+            if self.con is not None:
+                self._con.execute("DROP TABLE IF EXISTS dk_jobs")
+        bad = {str(r): int(n) for r, n, _ in by_reason if r != ""}
+        valid = sum(int(n) for r, n, _ in by_reason if r == "")
+        jobs = sum(int(j) for r, _, j in by_reason if r == "")
+        top = None
+        if largest:
+            n, b, *values = largest[0]
+            top = (self._key_values(values), int(n), int(b))
         return RowCounts(
-            rows_read=valid + sum(by_reason.values()), rows_valid=valid, bad=by_reason, jobs=jobs
+            rows_read=valid + sum(bad.values()),
+            rows_valid=valid,
+            bad=dict(sorted(bad.items())),
+            jobs=jobs,
+            largest_job=top,
         )
 
     def first_bad_row(self) -> None:
         """Raise :class:`BadRowError` for the first invalid row, if there is one."""
+        raws = ", ".join(_raw(c) for c in self.columns)
         row = self._con.execute(
-            "SELECT file, row, reason, country, CAST(test_datetime AS VARCHAR), "
-            "CAST(result AS VARCHAR) FROM checked WHERE reason IS NOT NULL "
-            "ORDER BY file, row LIMIT 1"
+            f"SELECT {_FILE}, {_ROW}, {_REASON}, {raws} FROM checked "
+            f"WHERE {_REASON} IS NOT NULL ORDER BY {_FID}, {_ROW} LIMIT 1"
         ).fetchall()
         if not row:
             return
-        file, number, code, country, ts, result = row[0]
-        fld, why = REASONS[code]
-        value = {"country": country, "test_datetime": ts, "result": result}[fld]
+        file, number, code, *values = row[0]
+        fld, why = self._reasons[code]
+        value = dict(zip(self.columns, values, strict=True))[fld]
         raise BadRowError(f"{file}: row {number}: {why} (value {value!r}); --strict stops here")
 
     def write_quarantine(self, out_dir: Path, *, any_bad: bool = True) -> tuple[Path, Path]:
         """Write the invalid rows to ``quarantine.parquet`` and ``quarantine.csv``.
 
-        With ``any_bad=False`` (the counts found none) the files are written empty
-        without another pass over the input.
+        Columns: ``file``, ``row``, ``field``, ``reason``, then each declared column's
+        input value as text. With ``any_bad=False`` (the counts found none) the files are
+        written empty without another pass over the input.
         """
         out_dir.mkdir(parents=True, exist_ok=True)
-        reasons = ", ".join(
-            f"('{code}', '{fld}', '{why.replace(chr(39), chr(39) * 2)}')"
-            for code, (fld, why) in REASONS.items()
+        table = ", ".join(
+            f"({literal(code)}, {literal(fld)}, {literal(why)})"
+            for code, (fld, why) in self._reasons.items()
         )
+        if not table:  # no rule at all: no row can be bad
+            table, any_bad = "(NULL, NULL, NULL)", False
+        raws = ", ".join(f"c.{_raw(c)} AS {quote(c)}" for c in self.columns)
         self._con.execute(
             f"""
             CREATE OR REPLACE TEMP TABLE quarantine AS
-            SELECT c.file, c.row, r.field, r.why AS reason,
-                   CAST(c.country AS VARCHAR) AS country,
-                   CAST(c.test_datetime AS VARCHAR) AS test_datetime,
-                   CAST(c.result AS VARCHAR) AS result
-            FROM checked c JOIN (VALUES {reasons}) r(code, field, why) ON c.reason = r.code
+            SELECT c.{_FILE} AS file, c.{_ROW} AS row, r.field, r.why AS reason, {raws}
+            FROM checked c JOIN (VALUES {table}) r(code, field, why) ON c.{_REASON} = r.code
             WHERE {"true" if any_bad else "false"}
-            ORDER BY c.file, c.row
+            ORDER BY c.{_FID}, c.{_ROW}
             """
         )
         pq_path, csv_path = out_dir / "quarantine.parquet", out_dir / "quarantine.csv"
-        self._con.execute(f"COPY quarantine TO '{_esc(pq_path)}' (FORMAT parquet)")
-        self._con.execute(f"COPY quarantine TO '{_esc(csv_path)}' (FORMAT csv, HEADER)")
+        self._con.execute(f"COPY quarantine TO {literal(str(pq_path))} (FORMAT parquet)")
+        self._con.execute(f"COPY quarantine TO {literal(str(csv_path))} (FORMAT csv, HEADER)")
         self._con.execute("DROP TABLE quarantine")
         return pq_path, csv_path
 
-    def sorted_valid(self, rows_per_batch: int = 262_144) -> Iterator[pa.RecordBatch]:
-        """Valid rows as ``(key, pos)`` sorted by key = ``cid << 32 | hour + HOUR_BIAS``.
+    def batch_schema(self, columns: Sequence[str] | None = None) -> pa.Schema:
+        """The schema of :meth:`sorted_valid`'s batches for ``columns``."""
+        fields = [pa.field("bucket", pa.int32(), nullable=False)]
+        fields += list(self.keyspec.schema)
+        for c in self._value_columns(columns):
+            rule = self.app.input_columns[c]
+            fields.append(pa.field(c, VALUE_TYPES[type(rule)], nullable=not rule.required))
+        return pa.schema(fields)
 
-        One integer sort key sorts twice as fast as two columns; ``self.countries[cid]``
-        names the country, ``(key & 0xFFFFFFFF) - HOUR_BIAS`` is the hour since the epoch
-        (negative before 1970).
+    def sorted_valid(
+        self, columns: Sequence[str] | None = None, rows_per_batch: int = 262_144
+    ) -> Iterator[pa.RecordBatch]:
+        """The valid rows in Arrow batches of :meth:`batch_schema`, sorted by (bucket, key).
+
+        Each batch has ``bucket`` (int32), the key columns in the key's Arrow types, and
+        the requested non-key ``columns`` normalized (default: every column not in the
+        key as is). A job's rows are contiguous, in input order (file, then row).
         """
-        self.countries[:] = [  # in place: callers may hold the list
-            str(r[0])
-            for r in self._con.execute(
-                "SELECT DISTINCT country_t FROM checked WHERE reason IS NULL ORDER BY 1"
-            ).fetchall()
-        ]
-        self._con.execute(
-            "CREATE OR REPLACE TEMP TABLE country_ids AS "
-            "SELECT country_t, (row_number() OVER (ORDER BY country_t) - 1)::INTEGER AS cid "
-            "FROM (SELECT DISTINCT country_t FROM checked WHERE reason IS NULL)"
-        )
-        reader: Any = self._con.sql(
-            f"""
-            SELECT (k.cid::BIGINT << 32) | (c.hour + {HOUR_BIAS}) AS key,
-                   (c.res IN ({_sql_list(POSITIVE)}))::UTINYINT AS pos
-            FROM checked c JOIN country_ids k USING (country_t)
-            WHERE c.reason IS NULL
-            ORDER BY key
-            """
-        ).to_arrow_reader(rows_per_batch)  # sorted: keep insertion order on
-        yield from reader
+        value_cols = self._value_columns(columns)
+        schema = self.batch_schema(value_cols)
+        keys = self._key_exprs()
+        names = [quote(n) for n in self.keyspec.names]
+        select = [f"{self._bucket_expr(keys)} AS bucket"]
+        select += [f"{k} AS {n}" for k, n in zip(keys, names, strict=True)]
+        select += [f"{alias(c)} AS {quote(c)}" for c in value_cols]
+        try:
+            reader: Any = self._con.sql(
+                f"SELECT {', '.join(select)} FROM checked WHERE {_REASON} IS NULL "
+                f"ORDER BY bucket, {', '.join(names)}, {_FID}, {_ROW}"
+            ).to_arrow_reader(rows_per_batch)  # sorted: insertion order is kept
+        except duckdb.Error as exc:
+            raise InputError(f"cannot read input: {_short(exc)}") from None
+        for batch in reader:
+            yield _conform(batch, schema)
 
 
-_STAGE_SCHEMA = pa.schema(
-    [("row", pa.int64()), ("file", pa.string())] + [(c, pa.string()) for c in REQUIRED_COLUMNS]
-)
-
-
-#: Kinds of Arrow type accepted per column; files must agree on the kind.
-_ACCEPTED = {
-    "country": ("text",),
-    "test_datetime": ("timestamp", "text"),
-    "result": ("text", "boolean"),
-}
-_EXPECTED = {
-    "country": "text",
-    "test_datetime": "a timestamp or ISO 8601 text",
-    "result": "text or boolean",
-}
-
-
-def _kind(t: pa.DataType) -> str:
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
-        return "text"
-    if pa.types.is_timestamp(t):
-        return "timestamp"
-    if pa.types.is_boolean(t):
-        return "boolean"
-    return str(t)
-
-
-def _in_unit(when: datetime, unit: str) -> int:
-    """``when`` as an exact integer count of ``unit`` since the epoch, clamped to int64."""
-    us = (when - _EPOCH) // timedelta(microseconds=1)
-    value = us * 1000 if unit == "ns" else us
-    return min(max(value, _INT64[0]), _INT64[1])
+def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` in ``schema``'s types: epoch integers viewed as timestamps, casts if needed."""
+    arrays = []
+    for i, f in enumerate(schema):
+        col = batch.column(i)
+        if col.type != f.type:
+            if pa.types.is_timestamp(f.type) and pa.types.is_int64(col.type):
+                col = col.view(f.type)
+            else:
+                col = col.cast(f.type)
+        arrays.append(col)
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def _duck_paths(paths: list[Path]) -> str:
     """SQL list items naming ``paths`` literally: DuckDB globs ``*?[``, so they are escaped."""
-    return _sql_list(
-        tuple("".join(f"[{c}]" if c in GLOB_CHARS else c for c in str(p)) for p in paths)
+    return ", ".join(
+        literal("".join(f"[{c}]" if c in GLOB_CHARS else c for c in str(p))) for p in paths
     )
 
 
-def _strip(column: str) -> str:
-    """SQL trimming spaces, tabs and line breaks (DuckDB's one-argument trim takes spaces only)."""
-    return f"trim({column}, chr(32) || chr(9) || chr(10) || chr(13) || chr(11) || chr(12))"
-
-
-def _require_columns(path: Path, names: list[str]) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+def _require_columns(path: Path, names: list[str], columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in names]
     if missing:
         found = ", ".join(names[:8]) + (", …" if len(names) > 8 else "")
         lower = {n.lower() for n in names}
-        hint = "; names are case-sensitive" if any(c in lower for c in missing) else ""
+        hint = "; names are case-sensitive" if any(c.lower() in lower for c in missing) else ""
         raise InputError(
             f"{path}: missing column(s) {', '.join(missing)} (found: {found or 'none'}{hint})"
         )
@@ -611,7 +752,3 @@ def _require_columns(path: Path, names: list[str]) -> None:
 
 def _short(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-
-
-def _esc(path: Path) -> str:
-    return str(path).replace("'", "''")
