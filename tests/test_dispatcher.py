@@ -3,12 +3,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from dispatchkit.task import positive_rate
 
 from dispatchkit.dispatcher import Dispatcher, batch_key, job_id
 from dispatchkit.message import JobBatch, decode, encode
 from dispatchkit.reader import InputReader
 from dispatchkit.schema import DEFAULT_END, DEFAULT_START
-from dispatchkit.task import positive_rate
 
 from .conftest import reference
 

@@ -3,6 +3,7 @@ import contextlib
 import msgpack
 import numpy as np
 import pytest
+from dispatchkit.task import positive_rate
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +18,6 @@ from dispatchkit.message import (
     decode,
     encode,
 )
-from dispatchkit.task import positive_rate
 
 
 def make_job(bits: list[int], job_id: str = "j1", hour: int = 1583038800) -> Job:

@@ -833,6 +833,19 @@ class App:
     @property
     def fingerprint(self) -> str:
         """``<version>:<16 hex>``: the version and a hash of every task's code and schema."""
+        # Reading source is slow (tokenizing whole files): computed once per declaration.
+        memo_key = (
+            self.version,
+            tuple((n, *(id(f) for f in t.functions())) for n, t in sorted(self.tasks.items())),
+        )
+        memo = self.__dict__.get("_fingerprint_memo")
+        if memo is not None and memo[0] == memo_key:
+            return str(memo[1])
+        value = self._fingerprint()
+        self.__dict__["_fingerprint_memo"] = (memo_key, value)
+        return value
+
+    def _fingerprint(self) -> str:
         digest = hashlib.sha256()
         for name in sorted(self.tasks):
             task = self.tasks[name]

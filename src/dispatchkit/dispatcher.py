@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 from dispatchkit import wire
 from dispatchkit.app import App, Task
 from dispatchkit.errors import RunError, UsageError
-from dispatchkit.keys import job_id, key_text
+from dispatchkit.keys import job_ids, key_text
 
 #: Kafka's default message limit is 1 MB; leave room for the headers.
 DEFAULT_MAX_MESSAGE_BYTES = wire.DEFAULT_MAX_MESSAGE_BYTES
@@ -179,7 +179,7 @@ class Dispatcher:
         key_rows = table.select(self.key_names).take(pa.array(starts))
         _, _, keys = wire.key_lists(key_rows)
         buckets = table.column(BUCKET).take(pa.array(starts)).to_numpy()
-        ids = [job_id(self.run_id, self.app.name, self.task.name, k) for k in keys]
+        ids = job_ids(self.run_id, self.app.name, self.task.name, keys)
         stats.jobs += len(ids)
         stats.rows_cut += n
         keep = np.fromiter((i not in skip for i in ids), dtype=np.bool_, count=len(ids))

@@ -294,6 +294,20 @@ def job_id(
     return digest.hexdigest()
 
 
+def job_ids(run_id: str, app: str, task: str, keys: Iterable[Sequence[object]]) -> list[str]:
+    """:func:`job_id` of many keys at once (the run's prefix is hashed once)."""
+    base = hashlib.blake2b(digest_size=10)
+    for part in (run_id, app, task):
+        raw = part.encode()
+        base.update(f"{len(raw)}:".encode() + raw)
+    out = []
+    for key in keys:
+        digest = base.copy()
+        digest.update(b"".join([_token(v) for v in key]))
+        out.append(digest.hexdigest())
+    return out
+
+
 def iso_ns(epoch_ns: int) -> str:
     """ISO 8601 in UTC of an epoch-ns instant, any year: ``2020-03-01T05:00:00Z``.
 

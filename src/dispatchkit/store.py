@@ -434,6 +434,8 @@ class ResultStore:
             tables += self._finish_split(run_id, layout)
         out = pa.concat_tables([t.cast(whole.schema) for t in tables])
         df = pl.DataFrame(pl.from_arrow(out))
+        zoned = [n for n, t in df.schema.items() if isinstance(t, pl.Datetime) and t.time_zone]
+        df = df.with_columns([pl.col(n).dt.convert_time_zone("UTC") for n in zoned])
         return df.sort(list(layout.keys))
 
     def _finish_split(self, run_id: str, layout: Layout) -> list[pa.Table]:
