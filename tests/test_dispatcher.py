@@ -1,65 +1,81 @@
+"""The dispatcher: jobs cut by key into wire v2 messages, sized by bytes, split exactly."""
+
+from __future__ import annotations
+
 from pathlib import Path
 
-import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
-from dispatchkit.task import positive_rate
 
-from dispatchkit.dispatcher import Dispatcher, batch_key, job_id
-from dispatchkit.message import JobBatch, decode, encode
+from dispatchkit import wire
+from dispatchkit.apps.covid import app as covid
+from dispatchkit.dispatcher import Dispatcher, Outgoing
+from dispatchkit.errors import RunError, UsageError
+from dispatchkit.keys import job_id
 from dispatchkit.reader import InputReader
-from dispatchkit.schema import DEFAULT_END, DEFAULT_START
 
 from .conftest import reference
 
 
-def cut(path: Path, tmp_path: Path, **kw: object) -> tuple[list[JobBatch], Dispatcher]:
-    reader = InputReader([path], start=DEFAULT_START, end=DEFAULT_END, spill_dir=tmp_path)
-    with reader:
-        d = Dispatcher(reader, run_id="run-a", task="positive-rate", **kw)  # type: ignore[arg-type]
-        batches = list(d.batches())
-    return batches, d
+def cut(path: Path, tmp_path: Path, **kw: object) -> tuple[list[Outgoing], Dispatcher]:
+    with InputReader([path], covid, spill_dir=tmp_path) as reader:
+        d = Dispatcher(reader, app=covid, run_id="run-a", task="positive-rate", **kw)  # type: ignore[arg-type]
+        return list(d.messages()), d
 
 
-def as_frame(batches: list[JobBatch]) -> pl.DataFrame:
-    rows = [positive_rate(j) for b in batches for j in b.jobs]
-    return pl.DataFrame(
-        {
-            "job_id": [r.job_id for r in rows],
-            "country": [r.country for r in rows],
-            "date_hour": [r.date_hour * 1_000_000 for r in rows],
-            "tests": [r.tests for r in rows],
-            "positives": [r.positives for r in rows],
-        }
-    ).with_columns(pl.col("date_hour").cast(pl.Datetime("us", "UTC")))
+def as_frame(messages: list[Outgoing]) -> pl.DataFrame:
+    """Every job part of the messages: key, rows and positives, decoded with the wire API."""
+    rows = []
+    for m in messages:
+        msg = wire.decode_jobs(m.payload)
+        for (job, part_rows), key in zip(msg, msg.keys().to_pylist(), strict=True):
+            rows.append(
+                {
+                    "job_id": job.job_id,
+                    "part": job.part,
+                    "parts": job.parts,
+                    "country": key["country"],
+                    "date_hour": key["date_hour"],
+                    "tests": part_rows.num_rows,
+                    "positives": sum(part_rows.column("result").to_pylist()),
+                }
+            )
+    return pl.DataFrame(rows).with_columns(pl.col("date_hour").dt.convert_time_zone("UTC"))
 
 
 def test_job_ids_are_deterministic_and_distinct() -> None:
-    a = job_id("run-1", "Italy", 1583038800)
-    assert a == job_id("run-1", "Italy", 1583038800)
-    assert a != job_id("run-2", "Italy", 1583038800)
-    assert a != job_id("run-1", "Spain", 1583038800)
-    assert a != job_id("run-1", "Italy", 1583042400)
+    a = job_id("run-1", "covid", "positive-rate", ("Italy", 1583038800 * 10**6))
+    assert a == job_id("run-1", "covid", "positive-rate", ("Italy", 1583038800 * 10**6))
+    assert a != job_id("run-2", "covid", "positive-rate", ("Italy", 1583038800 * 10**6))
+    assert a != job_id("run-1", "covid", "beta-posterior", ("Italy", 1583038800 * 10**6))
+    assert a != job_id("run-1", "covid", "positive-rate", ("Spain", 1583038800 * 10**6))
+    assert a != job_id("run-1", "covid", "positive-rate", ("Italy", 1583042400 * 10**6))
     assert len(a) == 20
 
 
 def test_grouping_matches_an_independent_group_by(small_parquet: Path, tmp_path: Path) -> None:
-    batches, d = cut(small_parquet, tmp_path)
-    got = as_frame(batches).sort("country", "date_hour")
+    messages, d = cut(small_parquet, tmp_path)
+    got = as_frame(messages).sort("country", "date_hour")
     ref = reference(small_parquet)
     assert got.select("country", "date_hour", "tests", "positives").equals(ref)
     assert got["tests"].sum() == 30_000 == d.stats.rows_cut
     assert got["job_id"].n_unique() == got.height == d.stats.jobs
+    assert d.stats.messages == len(messages)
 
 
-def test_batches_are_one_country_and_day_and_key_is_stable(
-    small_parquet: Path, tmp_path: Path
-) -> None:
-    batches, _ = cut(small_parquet, tmp_path)
-    for b in batches:
-        keys = {batch_key(JobBatch(1, "r", "b", "t", [j])) for j in b.jobs}
-        assert keys == {batch_key(b)}
-        assert decode(encode(b), JobBatch) == b
+def test_a_job_always_has_one_message_key(small_parquet: Path, tmp_path: Path) -> None:
+    """Every message holds jobs of one bucket; the same job gets the same key in every cut."""
+    first, _ = cut(small_parquet, tmp_path)
+    again, _ = cut(small_parquet, tmp_path, max_message_bytes=4096)
+    keys: dict[str, bytes] = {}
+    for m in first:
+        for j in m.job_ids:
+            keys[j] = m.key
+    assert len(first) < len(again)
+    for m in again:
+        assert {keys[j] for j in m.job_ids} == {m.key}
+        assert len(m.payload) <= 4096
 
 
 def test_oversized_keys_are_split_and_add_up(tmp_path: Path) -> None:
@@ -67,55 +83,84 @@ def test_oversized_keys_are_split_and_add_up(tmp_path: Path) -> None:
 
     path = tmp_path / "hot.parquet"
     generate(GenerateSpec(rows=5_000, seed=3, hot_key_rows=60_000), path)
-    batches, d = cut(path, tmp_path, max_message_bytes=2048)
+    messages, d = cut(path, tmp_path, max_message_bytes=2048)
     assert d.stats.split_jobs >= 1
-    assert all(len(encode(b)) <= 2048 for b in batches)
-    parts = [j for b in batches for j in b.jobs if j.parts > 1]
-    assert len({j.job_id for j in parts}) == d.stats.split_jobs
+    assert all(len(m.payload) <= 2048 for m in messages)
+    frame = as_frame(messages)
+    split = frame.filter(pl.col("parts") > 1)
+    assert split["job_id"].n_unique() == d.stats.split_jobs
+    # A part travels alone, and parts are numbered 0..parts-1 once each.
+    assert all(len(m.job_ids) == 1 for m in messages if m.parts[0][1] > 1)
+    counts = split.group_by("job_id").agg(pl.len().alias("n"), pl.col("parts").first())
+    assert (counts["n"] == counts["parts"]).all()
     merged = (
-        as_frame(batches)
-        .group_by("job_id", "country", "date_hour")
+        frame.group_by("job_id", "country", "date_hour")
         .agg(pl.col("tests").sum(), pl.col("positives").sum())
         .sort("country", "date_hour")
     )
     assert merged.select("country", "date_hour", "tests", "positives").equals(reference(path))
+    # The split depends only on the job and the budget: cut again, the same parts.
+    again, _ = cut(path, tmp_path, max_message_bytes=2048)
+    assert [m.payload for m in again] == [m.payload for m in messages]
 
 
-def test_skip_leaves_out_done_keys_but_counts_their_rows(
+def test_a_key_too_big_for_a_task_without_combine_is_refused(tmp_path: Path) -> None:
+    import dispatchkit as dk
+
+    app = dk.App("nocombine")
+    app.columns(k=dk.Text(), x=dk.Float())
+    app.key("k")
+
+    @app.task(result={"n": pa.int64()})
+    def count(key: dict[str, object], rows: pa.Table) -> dict[str, int]:
+        return {"n": rows.num_rows}
+
+    path = tmp_path / "hot.parquet"
+    pa.parquet.write_table(pa.table({"k": ["a"] * 5000 + ["b"], "x": [1.0] * 5001}), path)
+    with InputReader([path], app, spill_dir=tmp_path) as reader:
+        d = Dispatcher(reader, app=app, run_id="r", task="count", max_message_bytes=4096)
+        with pytest.raises(RunError, match=r"job k=a has 5,000 rows.*no combine step"):
+            list(d.messages())
+
+
+def test_skip_leaves_out_done_jobs_but_counts_their_rows(
     small_parquet: Path, tmp_path: Path
 ) -> None:
-    all_batches, _ = cut(small_parquet, tmp_path)
-    jobs = [j for b in all_batches for j in b.jobs]
-    done = {(j.country, j.date_hour) for j in jobs[::2]}
-    reader = InputReader([small_parquet], start=DEFAULT_START, end=DEFAULT_END, spill_dir=tmp_path)
-    with reader:
-        d = Dispatcher(reader, run_id="run-a", task="positive-rate")
-        rest = [j for b in d.batches(skip=done) for j in b.jobs]
-    assert {(j.country, j.date_hour) for j in rest}.isdisjoint(done)
-    assert len(rest) + len(done) == len(jobs)
+    messages, _ = cut(small_parquet, tmp_path)
+    jobs = [j for m in messages for j in m.job_ids]
+    done = set(jobs[::2])
+    with InputReader([small_parquet], covid, spill_dir=tmp_path) as reader:
+        d = Dispatcher(reader, app=covid, run_id="run-a", task="positive-rate")
+        rest = as_frame(list(d.messages(skip=done)))
+    assert set(rest["job_id"]).isdisjoint(done)
+    assert rest.height + len(done) == len(jobs)
     assert d.stats.rows_cut == 30_000
-    assert d.stats.rows_sent == sum(j.n for j in rest)
+    assert d.stats.rows_sent == rest["tests"].sum()
 
 
-def test_outcome_bits_are_the_rows_results(tmp_path: Path) -> None:
+def test_rows_carry_only_what_the_task_reads(tmp_path: Path) -> None:
     path = tmp_path / "tiny.csv"
     path.write_text(
-        "country,test_datetime,result\n"
-        "Italy,2020-03-01T05:10:00Z,positive\n"
-        "Italy,2020-03-01T05:50:00Z,negative\n"
-        "Italy,2020-03-01T06:00:00Z,positive\n"
-        "Spain,2020-03-01T05:00:00Z,pos\n"
+        "country,test_datetime,result,name\n"
+        "Italy,2020-03-01T05:10:00Z,positive,a\n"
+        "Italy,2020-03-01T05:50:00Z,negative,b\n"
+        "Italy,2020-03-01T06:00:00Z,positive,c\n"
+        "Spain,2020-03-01T05:00:00Z,pos,d\n"
     )
-    batches, _ = cut(path, tmp_path)
-    jobs = sorted((j for b in batches for j in b.jobs), key=lambda j: (j.country, j.date_hour))
-    assert [(j.country, j.n) for j in jobs] == [("Italy", 2), ("Italy", 1), ("Spain", 1)]
-    bits = np.unpackbits(np.frombuffer(jobs[0].outcomes, np.uint8))[:2]
-    assert sorted(bits.tolist()) == [0, 1]
-    assert jobs[0].date_hour == 1583038800
-    with pytest.raises(ValueError):
+    messages, _ = cut(path, tmp_path)
+    frame = as_frame(messages).sort("country", "date_hour")
+    assert frame.select("country", "tests", "positives").rows() == [
+        ("Italy", 2, 1),
+        ("Italy", 1, 1),
+        ("Spain", 1, 1),
+    ]
+    body = wire.decode_jobs(messages[0].payload).table
+    assert body.schema.names == ["result"]
+    with pytest.raises(UsageError):
         Dispatcher(
-            InputReader([path], start=DEFAULT_START, end=DEFAULT_END, spill_dir=tmp_path),
+            InputReader([path], covid, spill_dir=tmp_path),
+            app=covid,
             run_id="r",
-            task="t",
+            task="positive-rate",
             max_message_bytes=10,
         )
