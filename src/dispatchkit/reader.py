@@ -344,6 +344,7 @@ class InputReader:
                 }
             )
             self._con.execute(SESSION_SQL)
+            self._con.execute("SET enable_progress_bar = false")
             self._build_view()
         except BaseException:
             self.close()
