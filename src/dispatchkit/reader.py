@@ -66,7 +66,9 @@ CSV_SUFFIXES = (".csv",)
 GLOB_CHARS = "*?["
 
 #: Buckets of the key hash; the dispatcher uses a job's bucket as its message key.
+#: A power of two (the SQL takes the hash's low bits).
 NBUCKETS: Final = 256
+assert NBUCKETS & (NBUCKETS - 1) == 0
 #: Separates a key's values in the text that is hashed into its bucket.
 KEY_SEPARATOR: Final = chr(31)
 
@@ -342,6 +344,7 @@ class InputReader:
                 }
             )
             self._con.execute(SESSION_SQL)
+            self._con.execute("SET enable_progress_bar = false")
             self._build_view()
         except BaseException:
             self.close()
@@ -534,8 +537,10 @@ class InputReader:
 
     def _bucket_expr(self, keys: Sequence[str]) -> str:
         text = f" || {literal(KEY_SEPARATOR)} || ".join(f"CAST({k} AS VARCHAR)" for k in keys)
-        # ``+ N) % N`` keeps the bucket the unsigned remainder should md5_number be signed.
-        return f"CAST(((md5_number({text}) % {NBUCKETS}) + {NBUCKETS}) % {NBUCKETS} AS INTEGER)"
+        # md5_number % NBUCKETS as its low bits: a power of two, so the same for an
+        # unsigned or a signed (two's complement) md5_number, and far faster than ``%``
+        # on a 128-bit integer.
+        return f"CAST(md5_number({text}) & {NBUCKETS - 1} AS INTEGER)"
 
     def _value_columns(self, columns: Sequence[str] | None) -> list[str]:
         """The requested columns that are not key columns (default: the non-key columns)."""
