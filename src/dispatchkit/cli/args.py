@@ -59,3 +59,13 @@ def kafka_settings_from_args(args: object) -> KafkaSettings:
         topic_prefix=getattr(args, "topic_prefix", "dispatchkit"),
         partitions=getattr(args, "partitions", 12),
     )
+
+
+def add_app_flag(p: argparse.ArgumentParser) -> None:
+    """``--app``: the app by import path (``module:attr`` or ``path/to/file.py:attr``)."""
+    p.add_argument(
+        "--app",
+        default=None,
+        help="the app: module:attr or path/to/file.py:attr (default: $DISPATCHKIT_APP, "
+        "else the built-in COVID app dispatchkit.apps.covid:app)",
+    )

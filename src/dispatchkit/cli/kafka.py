@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from dispatchkit.cli.args import iso_date, kafka_settings_from_args, positive_int
+from dispatchkit.cli.args import add_app_flag, iso_date, kafka_settings_from_args, positive_int
 from dispatchkit.cli.progress import Bars
 from dispatchkit.errors import RET_OK, UsageError
 
@@ -25,7 +25,12 @@ def register(add: Add, kafka_flags: Flags) -> None:
     d.add_argument("input", help="Parquet/CSV file, directory or glob")
     d.add_argument("--run-id", help="run id (default: derived from the input's content)")
     d.add_argument("--out", default="out", help="where quarantine files are written")
-    d.add_argument("--task", default="positive-rate", help="positive-rate or beta-posterior")
+    add_app_flag(d)
+    d.add_argument(
+        "--task",
+        default="positive-rate",
+        help="the app's task (COVID app: positive-rate or beta-posterior)",
+    )
     d.add_argument("--start", type=iso_date, default=None, help="first valid test time (UTC)")
     d.add_argument("--end", type=iso_date, default=None, help="end of valid test times (UTC)")
     d.add_argument("--strict", action="store_true", help="fail on the first invalid row")
@@ -44,6 +49,7 @@ def register(add: Add, kafka_flags: Flags) -> None:
         "  dispatchkit worker -b 127.0.0.1:9092 --burst  # drain what is there, exit",
         cmd_worker,
     )
+    add_app_flag(w)
     w.add_argument("--group", help="consumer group (default: <prefix>.workers)")
     w.add_argument(
         "--worker-id",
@@ -83,6 +89,7 @@ def register(add: Add, kafka_flags: Flags) -> None:
         "examples:\n  dispatchkit collect -b 127.0.0.1:9092 --run-id r1 --out out/",
         cmd_collect,
     )
+    add_app_flag(c)
     c.add_argument("--run-id", required=True, help="the run to collect")
     c.add_argument("--out", default="out", help="output directory")
     c.add_argument("--timeout", type=float, help="give up after this many seconds without progress")
@@ -138,7 +145,6 @@ def cmd_dispatch(args: argparse.Namespace, bars: Bars) -> int:
     from dispatchkit.cli.run import check_message_bytes
     from dispatchkit.kafka_run import dispatch
     from dispatchkit.runner import RunSpec
-    from dispatchkit.schema import DEFAULT_END, DEFAULT_START
 
     check_message_bytes(args.run_id, args.max_message_bytes)
     settings = kafka_settings_from_args(args)
@@ -147,10 +153,11 @@ def cmd_dispatch(args: argparse.Namespace, bars: Bars) -> int:
         out=Path(args.out),
         run_id=args.run_id,
         task=args.task,
-        start=args.start or DEFAULT_START,
-        end=args.end or DEFAULT_END,
+        start=args.start,
+        end=args.end,
         strict=args.strict,
         max_message_bytes=args.max_message_bytes,
+        app=args.app,
     )
     summary = dispatch(spec, settings, bars)
     bars.__exit__(None, None, None)
@@ -178,6 +185,7 @@ def cmd_worker(args: argparse.Namespace, bars: Bars) -> int:
             retry=RetryPolicy(attempts=args.attempts),
             session_timeout_ms=args.session_timeout_ms,
             max_poll_interval_ms=args.max_poll_interval_ms,
+            app=args.app,
         ),
     )
     if not args.quiet:
@@ -189,10 +197,12 @@ def cmd_worker(args: argparse.Namespace, bars: Bars) -> int:
 
 
 def cmd_collect(args: argparse.Namespace, bars: Bars) -> int:
+    from dispatchkit.app import load_app
     from dispatchkit.cli.run import print_summary
     from dispatchkit.collector import collect
 
     settings = kafka_settings_from_args(args)
+    app = load_app(args.app)
     summary = collect(
         settings,
         args.run_id,
@@ -201,6 +211,7 @@ def cmd_collect(args: argparse.Namespace, bars: Bars) -> int:
         report=not args.no_report,
         timeout=args.timeout,
         wait_for_dispatch=args.wait_for_dispatch or None,
+        app=app,
     )
     bars.__exit__(None, None, None)
     print_summary(args, summary)

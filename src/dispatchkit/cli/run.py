@@ -7,10 +7,9 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
-from dispatchkit.cli.args import iso_date, kafka_settings_from_args, positive_int
+from dispatchkit.cli.args import add_app_flag, iso_date, kafka_settings_from_args, positive_int
 from dispatchkit.cli.progress import Bars
 from dispatchkit.errors import RET_OK, UsageError
 
@@ -62,18 +61,23 @@ def register(add: Add, kafka_flags: Flags) -> None:
     r.add_argument(
         "--workers", type=positive_int, default=os.cpu_count() or 1, help="worker processes"
     )
-    r.add_argument("--task", default="positive-rate", help="positive-rate or beta-posterior")
+    add_app_flag(r)
+    r.add_argument(
+        "--task",
+        default="positive-rate",
+        help="the app's task (COVID app: positive-rate or beta-posterior)",
+    )
     r.add_argument(
         "--start",
         type=iso_date,
-        default=datetime(2020, 3, 1, tzinfo=UTC),
-        help="first valid test time (UTC)",
+        default=None,
+        help="first valid time of the app's run-range column, UTC (COVID app: 2020-03-01)",
     )
     r.add_argument(
         "--end",
         type=iso_date,
-        default=datetime(2021, 1, 1, tzinfo=UTC),
-        help="end of valid test times, exclusive (UTC)",
+        default=None,
+        help="end of the valid times, exclusive, UTC (COVID app: 2021-01-01)",
     )
     r.add_argument("--strict", action="store_true", help="fail on the first invalid row")
     r.add_argument(
@@ -101,6 +105,7 @@ def register(add: Add, kafka_flags: Flags) -> None:
     rp.add_argument("results", help="results.parquet or results.csv")
     rp.add_argument("--out", default="report.png", help="PNG to write")
     rp.add_argument("--title", help="chart title")
+    add_app_flag(rp)
 
 
 def default_data_path() -> Path:
@@ -203,6 +208,7 @@ def cmd_run(args: argparse.Namespace, bars: Bars) -> int:
         max_message_bytes=args.max_message_bytes,
         retry=RetryPolicy(attempts=args.attempts),
         report=not args.no_report,
+        app=args.app,
     )
     if args.broker == "kafka":
         from dispatchkit.kafka_run import run_kafka
@@ -257,10 +263,33 @@ def cmd_report(args: argparse.Namespace, bars: Bars) -> int:
     src = Path(args.results)
     if not src.exists():
         raise UsageError(f"{src}: no such results file")
+    if args.app is not None:
+        return _app_report(args, src)
     try:
         out = plot_report_file(src, Path(args.out), title=args.title)
     except ValueError as exc:
         raise UsageError(f"{src}: {exc}") from None
+    _say(args, f"report written to {out}")
+    return RET_OK
+
+
+def _app_report(args: argparse.Namespace, src: Path) -> int:
+    """``report --app``: the app's own chart of a results file."""
+    import polars as pl
+
+    from dispatchkit.app import load_app
+    from dispatchkit.outdir import atomic_path
+
+    app = load_app(args.app)
+    if app.chart_fn is None:
+        raise UsageError(f"app {app.name!r} has no chart (declare one with @app.chart)")
+    try:
+        results = pl.read_parquet(src) if src.suffix == ".parquet" else pl.read_csv(src)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise UsageError(f"{src}: cannot read results ({str(exc).splitlines()[0]})") from None
+    out = Path(args.out)
+    with atomic_path(out) as tmp:
+        app.chart_fn(results.to_arrow(), tmp)
     _say(args, f"report written to {out}")
     return RET_OK
 
