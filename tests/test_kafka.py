@@ -148,24 +148,29 @@ def test_scale_out_and_in_mid_run(small_parquet: Path, tmp_path: Path) -> None:
 def test_a_plain_client_decodes_jobs_from_the_documented_format(
     small_parquet: Path, tmp_path: Path
 ) -> None:
-    """docs/wire-format.md is enough: confluent-kafka + msgpack, no dispatchkit decoder."""
+    """docs/wire-format.md is enough: confluent-kafka, msgpack and pyarrow, no dispatchkit
+    decoder."""
+    import pyarrow as pa
+
     settings = new_settings()
     dispatch(RunSpec(input=str(small_parquet), out=tmp_path, run_id="wire"), settings)
     total_tests = 0
     keys = set()
     for msg in read_all(settings, settings.jobs_topic):
         headers = {k: v.decode() for k, v in msg.headers()}  # type: ignore[attr-defined]
-        assert headers["dk-kind"] == "jobs" and headers["dk-v"] == "1"
+        assert headers["dk-kind"] == "jobs" and headers["dk-v"] == "2"
         assert headers["dk-run"] == "wire"
         batch = msgpack.unpackb(msg.value())  # type: ignore[attr-defined]
-        assert batch["kind"] == "jobs" and batch["v"] == 1
+        assert batch["kind"] == "jobs" and batch["v"] == 2
+        assert batch["key_names"] == ["country", "date_hour"]
+        body = pa.ipc.open_stream(batch["body"]).read_all()
+        assert body.column_names == ["result"]
         for job in batch["jobs"]:
-            bits = np.unpackbits(np.frombuffer(job["outcomes"], np.uint8))[: job["n"]]
-            assert len(bits) == job["n"]
-            total_tests += job["n"]
-            keys.add((job["country"], job["date_hour"]))
-            country, _day = msg.key().decode().split("|")  # type: ignore[attr-defined]
-            assert country == job["country"]
+            rows = body.slice(job["start"], job["end"] - job["start"])
+            assert rows.num_rows == job["end"] - job["start"] > 0
+            total_tests += rows.num_rows
+            keys.add(tuple(job["key"]))
+        assert msg.key().decode().startswith("b")  # type: ignore[attr-defined]
     ref = reference(small_parquet)
     assert total_tests == 30_000
     assert len(keys) == ref.height

@@ -404,7 +404,9 @@ class ResultStore:
             )"""
 
     def done_jobs(self, run_id: str) -> set[str]:
-        """Ids of every job whose parts are all stored."""
+        """Ids of every job whose parts are all stored (none for a run not started here)."""
+        if run_id not in self._layouts:
+            return set()
         layout = self.layout(run_id)
         rows = self.con.execute(
             f"SELECT DISTINCT job_id FROM ({self._complete(layout)})", [run_id, run_id]
@@ -412,6 +414,8 @@ class ResultStore:
         return {str(r[0]) for r in rows}
 
     def jobs_done(self, run_id: str) -> int:
+        if run_id not in self._layouts:
+            return 0
         layout = self.layout(run_id)
         row = self.con.execute(
             f"SELECT count(DISTINCT job_id) FROM ({self._complete(layout)})", [run_id, run_id]
