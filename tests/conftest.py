@@ -184,3 +184,64 @@ def small_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "small.csv"
     generate(GenerateSpec(rows=20_000, seed=11), path)
     return path
+
+
+# -- results as workers send them ---------------------------------------------------------
+
+#: (job id, part, parts, tests, positives) of one COVID job part.
+Part = tuple[str, int, int, int, int]
+
+
+def started_store(store: object, run_id: str = "r") -> None:
+    """Start ``run_id`` of the COVID app's positive-rate task in a store."""
+    store.start_run(  # type: ignore[attr-defined]
+        run_id,
+        {"input": "f", "task": "positive-rate"},
+        "test",
+        app=covid,
+        task=covid.get_task("positive-rate"),
+    )
+
+
+def result_message(run_id: str, parts: list[Part], worker: str = "w") -> object:
+    """A decoded result message of COVID job parts (whole jobs as results, split parts
+    as combine states), encoded as a worker encodes it."""
+    from dispatchkit import wire
+
+    n = len(parts)
+    keys = pa.table(
+        {
+            "country": ["X"] * n,
+            "date_hour": pa.array([3_600_000_000] * n, pa.timestamp("us", tz="UTC")),
+        }
+    )
+    whole = [p for p in parts if p[2] == 1]
+    split = [p for p in parts if p[2] > 1]
+    values = pa.table(
+        {
+            "tests": pa.array([p[3] for p in whole], pa.int64()),
+            "positives": pa.array([p[4] for p in whole], pa.int64()),
+            "positive_rate": pa.array([p[4] / p[3] for p in whole], pa.float64()),
+            "ci_low": pa.array([0.0] * len(whole), pa.float64()),
+            "ci_high": pa.array([1.0] * len(whole), pa.float64()),
+        }
+    )
+    states = pa.table(
+        {
+            "tests": pa.array([p[3] for p in split], pa.int64()),
+            "positives": pa.array([p[4] for p in split], pa.int64()),
+        }
+    )
+    payload = wire.encode_results(
+        run_id=run_id,
+        batch_id="b",
+        worker=worker,
+        app="covid",
+        task="positive-rate",
+        fingerprint=covid.fingerprint,
+        results=[wire.ResultEntry(p[0], p[1], p[2], state=p[2] > 1) for p in parts],
+        keys=keys,
+        values=values,
+        states=states,
+    )
+    return wire.decode_results(payload)

@@ -201,7 +201,7 @@ def test_reads_default_to_the_non_key_columns() -> None:
     t = _task(app)
     assert t.reads == ("ts", "amount", "channel")
     assert app.get_task("f") is t
-    with pytest.raises(UsageError, match=r"app sales has no task 'g' \(tasks: f, mean, totals\)"):
+    with pytest.raises(UsageError, match=r"unknown task 'g' \(known: f, mean, totals\)"):
         app.get_task("g")
     assert app.run_range_column == "ts"
     assert "sales" in repr(app) and "totals" in repr(app.tasks["totals"])

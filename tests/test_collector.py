@@ -245,28 +245,27 @@ def test_a_recreated_results_topic_is_read_again_and_said_so(
 
 
 def test_store_writes_results_and_positions_together_and_counts_repeats() -> None:
-    from dispatchkit.message import JobResult
     from dispatchkit.store import ReadPositions, ResultStore
 
-    def result(job: str) -> JobResult:
-        return JobResult(
-            job_id=job, country="Italy", date_hour=3600, part=0, parts=1, tests=2,
-            positives=1, positive_rate=0.5, ci_low=0.1, ci_high=0.9,
-        )  # fmt: skip
+    from .conftest import result_message, started_store
+
+    def result(*jobs: str) -> object:
+        return result_message("r", [(j, 0, 1, 2, 1) for j in jobs])
 
     with ResultStore(":memory:") as store:
+        started_store(store)
         assert store.read_positions("r", "t").offsets == {}
-        store.add("r", "w", [result("a"), result("b")])
+        store.add(result("a", "b"))  # type: ignore[arg-type]
         assert store.flush(ReadPositions("r", "t", {0: 5, 1: 2}, "id1")) == 2
         assert store.read_positions("r", "t") == ReadPositions("r", "t", {0: 5, 1: 2}, "id1")
         assert store.read_positions("other", "t").offsets == {}
-        store.add("r", "w", [result("a")])  # read again: ignored, counted
+        store.add(result("a"))  # type: ignore[arg-type]  # read again: ignored, counted
         assert store.flush(ReadPositions("r", "t", {0: 6}, "id2")) == 0
         assert store.duplicates == 1
         # The positions given replace the stored ones (a topic read again from the start).
         assert store.read_positions("r", "t") == ReadPositions("r", "t", {0: 6}, "id2")
         # A write that fails stores neither the results nor the positions.
-        store.add("r", "w", [result("c")])
+        store.add(result("c"))  # type: ignore[arg-type]
         store.con.execute("DROP TABLE read_positions")
         with pytest.raises(duckdb.CatalogException):
             store.flush(ReadPositions("r", "t", {0: 9}))

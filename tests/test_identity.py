@@ -10,10 +10,10 @@ import polars as pl
 import pytest
 
 from dispatchkit.claim import STALE_SECONDS, holder_of
-from dispatchkit.message import SCHEMA_VERSION, JobResult, Manifest
+from dispatchkit.message import SCHEMA_VERSION, Manifest
 from dispatchkit.store import ResultStore
 
-from .conftest import assert_exact, reference
+from .conftest import assert_exact, reference, result_message, started_store
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -56,22 +56,22 @@ def test_rerun_with_a_changed_parameter_is_refused_in_one_line(
     assert again.returncode == 0, again.stderr
 
 
-def _result(job: str, part: int, parts: int, tests: int, positives: int) -> JobResult:
-    return JobResult(job, "X", 3600, part, parts, tests, positives, positives / tests, 0.0, 1.0)
-
-
 def test_parts_of_different_splits_never_add_up() -> None:
     """Part 0 of a one-part split plus parts 1-9 of a ten-part split is not a job of 10."""
     with ResultStore(":memory:") as store:
-        store.add("r", "w", [_result("j", i, 10, 5, 1) for i in range(1, 10)])
-        store.add("r", "w", [_result("k", 0, 1, 7, 2)])
+        started_store(store)
+        store.add(result_message("r", [("j", i, 10, 5, 1) for i in range(1, 10)]))
+        store.add(result_message("r", [("k", 0, 1, 7, 2)]))
         store.flush()
         assert store.jobs_done("r") == 1
-        assert store.done_keys("r") == {("X", 3600)}
+        assert store.done_jobs("r") == {"k"}
         # j: once part 0 of its ten-part split arrives it is complete, and alone.
-        store.add("r", "w", [_result("j", 0, 10, 5, 1)])
+        store.add(result_message("r", [("j", 0, 10, 5, 1)]))
         store.flush()
         assert store.jobs_done("r") == 2
+        results = store.results("r")
+        j = results.filter(pl.col("job_id") == "j")
+        assert j["tests"].to_list() == [50] and j["positives"].to_list() == [10]
 
 
 def _m(status: str, owner: str, beat: float, takes_over: str = "") -> Manifest:

@@ -820,7 +820,7 @@ class App:
             return self.tasks[name]
         except KeyError:
             known = ", ".join(sorted(self.tasks)) or "none"
-            raise UsageError(f"app {self.name} has no task {name!r} (tasks: {known})") from None
+            raise UsageError(f"unknown task {name!r} (known: {known})") from None
 
     @property
     def run_range_column(self) -> str | None:

@@ -272,6 +272,13 @@ class ResultStore:
         self._tasks[run_id] = task
         return layout
 
+    def parts_table(self, run_id: str) -> str:
+        """The name of the table holding a run's job parts (for tools and tests)."""
+        record = self.get_run(run_id)
+        if record is None or record.parts_table is None:
+            raise RunError(f"run {run_id!r} is not in this store")
+        return record.parts_table
+
     def layout(self, run_id: str) -> Layout:
         try:
             return self._layouts[run_id]
