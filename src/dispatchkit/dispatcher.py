@@ -199,7 +199,7 @@ class Dispatcher:
         body = table.select(list(self.task.reads))
         capacity = self.capacity(body.schema)
         row_cost = wire.row_bytes(body) * 1.01  # lz4 may add a little to random data
-        entry_cost = np.array([wire.entry_bytes(len(i), k) for i, k in zip(ids, keys, strict=True)])
+        entry_cost = self._entry_costs(key_rows if keep.all() else None, ids, keys)
         cuts = wire.plan_cuts(offsets, row_cost, entry_cost, capacity=capacity, groups=buckets)
         for cut in cuts:
             first = int(cut.job[0])
@@ -295,6 +295,25 @@ class Dispatcher:
             parts=tuple((e.part, e.parts) for e in entries),
             rows=rows.num_rows,
         )
+
+    def _entry_costs(
+        self,
+        key_rows: pa.Table | None,
+        ids: list[str],
+        keys: list[tuple[wire.KeyValue, ...]],
+    ) -> npt.NDArray[np.float64]:
+        """An upper bound of each job entry's envelope bytes, vectorized over the jobs."""
+        template = tuple("" if isinstance(v, str) else v for v in keys[0])
+        base = float(wire.entry_bytes(max(len(i) for i in ids), template)) + 9 * len(template)
+        cost = np.full(len(ids), base)
+        for i, v in enumerate(keys[0]):
+            if isinstance(v, str):
+                if key_rows is not None:
+                    lengths = pc.binary_length(key_rows.column(i)).to_numpy(zero_copy_only=False)
+                else:
+                    lengths = np.array([len(str(k[i]).encode()) for k in keys])
+                cost += np.asarray(lengths, dtype=np.float64) + 4
+        return cost
 
     def _too_big(self, key: tuple[wire.KeyValue, ...], rows: int) -> str:
         return too_big_message(self.task, self._text(key), rows, self.max_message_bytes)
