@@ -320,7 +320,7 @@ def _tokens(values: list[object]) -> list[bytes]:
     if kinds == {str}:
         raws = [b"s" + v.encode() for v in values]  # type: ignore[attr-defined]
     elif kinds == {int}:
-        raws = [b"i%d" % v for v in values]  # type: ignore[str-bytes-safe]
+        raws = [b"i%d" % v for v in values]  # type: ignore[str-format]
     else:
         return [_token(v) for v in values]
     return [b"%d:%s" % (len(r), r) for r in raws]

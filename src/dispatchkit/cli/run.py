@@ -96,6 +96,16 @@ def register(add: Add, kafka_flags: Flags) -> None:
     r.add_argument("--broker", choices=["embedded", "kafka"], default="embedded", help="transport")
     kafka_flags(r, required=False)
 
+    ck = add(
+        "check",
+        "show an app's declarations and check its task forms agree on a sample",
+        "examples:\n  dispatchkit check --app examples/sales/app.py:app sample.parquet\n"
+        "  dispatchkit check data/covid.parquet          # the built-in COVID app",
+        cmd_check,
+    )
+    ck.add_argument("sample", help="a small Parquet/CSV input for the app")
+    add_app_flag(ck)
+
     rp = add(
         "report",
         "redraw report.png from a results file",
@@ -252,6 +262,29 @@ def print_summary(args: argparse.Namespace, summary: object) -> None:
         if len(s.failed_jobs) > 20:
             lines.append(f"    … and {len(s.failed_jobs) - 20} more")
     print("\n".join(lines))
+
+
+# -- check ------------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace, bars: Bars) -> int:
+    import tempfile
+
+    from dispatchkit.app import load_app
+    from dispatchkit.check import check_app, describe
+
+    app = load_app(args.app)
+    print("\n".join(describe(app)))
+    with tempfile.TemporaryDirectory(prefix="dispatchkit-check-") as work:
+        checks = check_app(app, args.sample, Path(work))
+    failed = False
+    for c in checks:
+        status = "ok" if not c.problems else f"{len(c.problems)} problem(s)"
+        print(f"task {c.task}: {c.jobs:,} jobs, {c.split_jobs:,} split in 3 parts: {status}")
+        for problem in c.problems[:20]:
+            print(f"  {problem}")
+        failed = failed or bool(c.problems)
+    return 1 if failed else RET_OK
 
 
 # -- report -----------------------------------------------------------------------------
