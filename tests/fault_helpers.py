@@ -286,12 +286,20 @@ def job_parts_published(settings: KafkaSettings, run_id: str) -> Counter[tuple[s
     return counts
 
 
+def _parts_table(con: duckdb.DuckDBPyConnection, run_id: str) -> str:
+    """The table holding the run's job parts (named in the run ledger)."""
+    return str(
+        con.execute("SELECT parts_table FROM runs WHERE run_id = ?", [run_id]).fetchall()[0][0]
+    )
+
+
 def store_duplicates(out: Path, run_id: str) -> int:
     """(job_id, part) pairs stored more than once in the DuckDB store (read-only)."""
     con = duckdb.connect(str(out / STORE_NAME), read_only=True)
     try:
+        parts = _parts_table(con, run_id)
         row = con.execute(
-            "SELECT count(*) FROM (SELECT job_id, part FROM parts WHERE run_id = ? "
+            f"SELECT count(*) FROM (SELECT job_id, part FROM {parts} WHERE run_id = ? "
             "GROUP BY job_id, part HAVING count(*) > 1)",
             [run_id],
         ).fetchall()
@@ -303,8 +311,9 @@ def store_duplicates(out: Path, run_id: str) -> int:
 def store_parts(out: Path, run_id: str) -> int:
     con = duckdb.connect(str(out / STORE_NAME), read_only=True)
     try:
+        parts = _parts_table(con, run_id)
         return int(
-            con.execute("SELECT count(*) FROM parts WHERE run_id = ?", [run_id]).fetchall()[0][0]
+            con.execute(f"SELECT count(*) FROM {parts} WHERE run_id = ?", [run_id]).fetchall()[0][0]
         )
     finally:
         con.close()
