@@ -84,7 +84,7 @@ def collect(
     last_progress = waiting_since = last_partition_check = time.monotonic()
     said_waiting = False
     with ResultStore(out / STORE_NAME) as store:
-        done = store.jobs_done(run_id)
+        done = 0  # counted once the run is started in the store (its manifest read)
         broker = KafkaBroker(
             settings,
             collector_group=collector_group(settings, run_id),
@@ -120,6 +120,7 @@ def collect(
                             app=the_app,
                             task=the_app.get_task(manifest.task),
                         )
+                        done = store.jobs_done(run_id)
                         bars.update("collect", total=manifest.total_jobs)
                     else:
                         waited = now - waiting_since
@@ -147,8 +148,13 @@ def collect(
                 if now - last_partition_check > 5.0:
                     broker.refresh_partitions()  # partitions added to the results topic
                     last_partition_check = now
-                for rb in broker.results(0.5):
-                    store.add(rb)
+                if manifest is None:
+                    # Results can only be stored once the run is started from its
+                    # manifest: until then they wait in the topic.
+                    time.sleep(0.2)
+                else:
+                    for rb in broker.results(0.5):
+                        store.add(rb)
                 if store.buffered and (store.buffered >= 20_000 or now - last_flush > 1.0):
                     # The results and the positions they were read up to, in one transaction.
                     store.flush(broker.read_positions())
