@@ -130,7 +130,7 @@ def test_failing_job_is_dead_lettered_then_replayed(small_parquet: Path, tmp_pat
         stop(broken)
     assert summary.status == "incomplete"
     assert len(summary.failed_jobs) == failing
-    assert all(f.startswith("Portugal ") for f in summary.failed_jobs)
+    assert all(f.startswith("country=Portugal ") for f in summary.failed_jobs)
     assert_exact(
         pl.read_parquet(tmp_path / "results.parquet"), ref.filter(pl.col("country") != "Portugal")
     )

@@ -19,7 +19,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -392,6 +393,17 @@ def _dispatch_child(spec: RunSpec, settings: KafkaSettings, parent: int) -> RunS
     return dispatch(spec, settings)
 
 
+def _dispatched(future: Future[RunSummary]) -> RunSummary:
+    """The dispatcher child's summary; its abrupt end (killed, crashed) is one line."""
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise RunError(
+            "the dispatcher process ended abruptly (killed?); rerun the same command: "
+            "the run resumes where it stopped"
+        ) from None
+
+
 @outdir.holds_out_dir("run")  # both locks, in the parent; the dispatcher child inherits one
 def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) -> RunSummary:
     """Dispatcher, ``spec.workers`` worker processes and the collector, on one machine."""
@@ -427,7 +439,7 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) 
         def tick() -> None:
             supervise()
             if dispatching.done() and dispatching.exception() is not None:
-                raise dispatching.exception()  # type: ignore[misc]
+                _dispatched(dispatching)
 
         # No bound on the wait for the manifest: the dispatcher child is validating the
         # input meanwhile, and its failure ends the wait through tick().
@@ -442,7 +454,7 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) 
             identity=identity,
             app=app,
         )
-        sent = dispatching.result()
+        sent = _dispatched(dispatching)
         summary.worker_restarts = restarts[0]
     except BaseException:
         # Interrupted or failed: stop the dispatcher now rather than wait for it.
