@@ -26,8 +26,8 @@ test-fast: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/test -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/ruff format --check src tests examples benchmarks
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -33,7 +33,7 @@ GiB_MB = 2**30 / 1e6
 
 FLOOR = """
 import sys, polars as pl
-from dispatchkit.stats import wilson_arrays
+from dispatchkit.apps.covid.stats import wilson_arrays
 df = (
     pl.scan_parquet(sys.argv[1])
     .group_by("country", pl.col("test_datetime").dt.truncate("1h").alias("date_hour"))

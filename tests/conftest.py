@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dispatchkit.apps.covid import app as covid
-from dispatchkit.generator import GenerateSpec, generate
+from dispatchkit.apps.covid.generate import GenerateSpec, generate
 from dispatchkit.reader import InputReader, RowCounts
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

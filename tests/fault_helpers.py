@@ -28,8 +28,8 @@ import duckdb
 import msgpack
 import polars as pl
 
+from dispatchkit.apps.covid.generate import DEFAULT_COUNTRIES, GenerateSpec, generate
 from dispatchkit.brokers.kafka.settings import KafkaSettings
-from dispatchkit.generator import DEFAULT_COUNTRIES, GenerateSpec, generate
 from dispatchkit.runner import STORE_NAME
 
 from .conftest import assert_exact, reference

@@ -79,7 +79,7 @@ def test_a_job_always_has_one_message_key(small_parquet: Path, tmp_path: Path) -
 
 
 def test_oversized_keys_are_split_and_add_up(tmp_path: Path) -> None:
-    from dispatchkit.generator import GenerateSpec, generate
+    from dispatchkit.apps.covid.generate import GenerateSpec, generate
 
     path = tmp_path / "hot.parquet"
     generate(GenerateSpec(rows=5_000, seed=3, hot_key_rows=60_000), path)

@@ -151,7 +151,7 @@ def test_unused_imports_guard() -> None:
 
 
 def test_skewed_key_is_split_and_exact(tmp_path: Path) -> None:
-    from dispatchkit.generator import GenerateSpec, generate
+    from dispatchkit.apps.covid.generate import GenerateSpec, generate
 
     path = tmp_path / "skew.parquet"
     generate(GenerateSpec(rows=8_000, seed=5, hot_key_rows=100_000), path)

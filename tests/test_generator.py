@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from faker.providers.address.it_IT import Provider as ItalianAddresses
 
-from dispatchkit.generator import (
+from dispatchkit.apps.covid.generate import (
     BAD_ROW_KINDS,
     COLUMNS,
     DEFAULT_COUNTRIES,
@@ -126,7 +126,7 @@ def test_identical_bytes_across_processes_and_hash_seeds(tmp_path: Path) -> None
     # Italy's Faker cities come from a set, whose order follows PYTHONHASHSEED.
     script = (
         "import sys; from pathlib import Path; "
-        "from dispatchkit.generator import GenerateSpec, generate; "
+        "from dispatchkit.apps.covid.generate import GenerateSpec, generate; "
         "generate(GenerateSpec(rows=3000, countries={'Italy': 'it_IT', 'Japan': 'ja_JP'}), "
         "Path(sys.argv[1]))"
     )

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from dispatchkit.apps.covid import app as covid
+from dispatchkit.apps.covid.schema import DEFAULT_END, DEFAULT_START
 from dispatchkit.errors import InputError
 from dispatchkit.reader import InputReader, resolve_inputs
-from dispatchkit.schema import DEFAULT_END, DEFAULT_START
 
 from .conftest import covid_jobs, reference, sorted_rows
 

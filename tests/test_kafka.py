@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dispatchkit.generator import GenerateSpec, generate
+from dispatchkit.apps.covid.generate import GenerateSpec, generate
 from dispatchkit.kafka_run import collect, dispatch, run_kafka
 from dispatchkit.runner import RunSpec, run_embedded
 

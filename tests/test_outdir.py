@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 from dispatchkit import outdir
+from dispatchkit.apps.covid.generate import GenerateSpec, generate
 from dispatchkit.errors import OutDirBusyError
-from dispatchkit.generator import GenerateSpec, generate
 
 from .conftest import assert_exact, reference
 

@@ -1,4 +1,4 @@
-"""Tests for dispatchkit.report: daily sums, Wilson columns, and the PNGs it writes."""
+"""Tests for dispatchkit.apps.covid.chart: daily sums, Wilson columns, and the PNGs it writes."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dispatchkit.bench.chart import plot_benchmark
-from dispatchkit.report import (
+from dispatchkit.apps.covid.chart import (
     DEFAULT_TITLE,
     daily_rates,
     plot_report,
     plot_report_file,
 )
-from dispatchkit.stats import wilson_arrays
+from dispatchkit.apps.covid.stats import wilson_arrays
+from dispatchkit.bench.chart import plot_benchmark
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 START = datetime(2020, 3, 1, tzinfo=UTC)

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from dispatchkit.stats import wilson_arrays, wilson_interval
+from dispatchkit.apps.covid.stats import wilson_arrays, wilson_interval
 
 # Published values of the 95% Wilson score interval (z = 1.96).
 KNOWN = [

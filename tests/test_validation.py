@@ -9,8 +9,8 @@ import pytest
 
 from dispatchkit.apps.covid import NEGATIVE, POSITIVE
 from dispatchkit.apps.covid import app as covid
+from dispatchkit.apps.covid.generate import GenerateSpec, generate
 from dispatchkit.errors import BadRowError
-from dispatchkit.generator import GenerateSpec, generate
 from dispatchkit.reader import InputReader
 
 from .conftest import covid_jobs, normalize

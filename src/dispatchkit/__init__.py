@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         Timestamp,
         load_app,
     )
+    from dispatchkit.apps.covid.generate import GenerateSpec, generate
     from dispatchkit.brokers.base import Broker, Delivery, JobSource, Rejection
     from dispatchkit.brokers.embedded import EmbeddedBroker
     from dispatchkit.brokers.kafka.settings import KafkaSettings, Secret, load_settings
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
         RunError,
         UsageError,
     )
-    from dispatchkit.generator import GenerateSpec, generate
     from dispatchkit.keys import Floor, floor, job_id
     from dispatchkit.message import Manifest
     from dispatchkit.reader import InputReader
@@ -74,7 +74,7 @@ _LAZY: dict[str, str] = {
     "Dispatcher": "dispatchkit.dispatcher",
     "DispatchkitError": "dispatchkit.errors",
     "EmbeddedBroker": "dispatchkit.brokers.embedded",
-    "GenerateSpec": "dispatchkit.generator",
+    "GenerateSpec": "dispatchkit.apps.covid.generate",
     "InputError": "dispatchkit.errors",
     "InputReader": "dispatchkit.reader",
     "JobSource": "dispatchkit.brokers.base",
@@ -90,7 +90,7 @@ _LAZY: dict[str, str] = {
     "Task": "dispatchkit.app",
     "UsageError": "dispatchkit.errors",
     "Worker": "dispatchkit.worker",
-    "generate": "dispatchkit.generator",
+    "generate": "dispatchkit.apps.covid.generate",
     "job_id": "dispatchkit.keys",
     "load_settings": "dispatchkit.brokers.kafka.settings",
     "run_embedded": "dispatchkit.runner",

@@ -1,6 +1,6 @@
 """The benchmark chart: wall time and peak memory per variant, side by side.
 
-Built like the report (:mod:`dispatchkit.report`): a :class:`~matplotlib.figure.Figure`
+Built like the report (:mod:`dispatchkit.apps.covid.chart`): a :class:`~matplotlib.figure.Figure`
 on an Agg canvas, never ``pyplot``, written atomically.
 """
 
@@ -15,7 +15,7 @@ import numpy.typing as npt
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from dispatchkit.report import quoted_names, save_png
+from dispatchkit.apps.covid.chart import quoted_names, save_png
 
 __all__ = ["BENCHMARK_KEYS", "plot_benchmark"]
 

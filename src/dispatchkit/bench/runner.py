@@ -204,7 +204,7 @@ def _sections(state: _State) -> Iterator[tuple[str, list[Plan], int]]:
 
 
 def _input(state: _State, section: str, rows: int) -> Path:
-    from dispatchkit.generator import GenerateSpec, generate
+    from dispatchkit.apps.covid.generate import GenerateSpec, generate
 
     c = state.config
     path = (c.data_dir or c.out / "data") / f"covid_{rows}_seed{c.seed}.parquet"

@@ -31,7 +31,7 @@ from typing import Any, cast
 
 import polars as pl
 
-from dispatchkit.stats import wilson_arrays
+from dispatchkit.apps.covid.stats import wilson_arrays
 
 CHECK_COLUMNS = ("country", "date_hour", "tests", "positives")
 

@@ -128,7 +128,7 @@ def default_data_path() -> Path:
 
 
 def cmd_generate(args: argparse.Namespace, bars: Bars) -> int:
-    from dispatchkit.generator import GenerateSpec, generate
+    from dispatchkit.apps.covid.generate import GenerateSpec, generate
 
     spec = GenerateSpec(
         rows=args.rows,
@@ -153,7 +153,7 @@ def cmd_generate(args: argparse.Namespace, bars: Bars) -> int:
 
 
 def _countries(text: str) -> dict[str, str]:
-    from dispatchkit.generator import DEFAULT_COUNTRIES
+    from dispatchkit.apps.covid.generate import DEFAULT_COUNTRIES
 
     out: dict[str, str] = {}
     for item in (s.strip() for s in text.split(",") if s.strip()):
@@ -196,7 +196,7 @@ def cmd_run(args: argparse.Namespace, bars: Bars) -> int:
     if source is None:
         path = default_data_path()
         if not path.exists():
-            from dispatchkit.generator import GenerateSpec, generate
+            from dispatchkit.apps.covid.generate import GenerateSpec, generate
 
             _say(args, f"no INPUT given: generating the default dataset at {path} (once)")
             bars.add("generate", DEFAULT_ROWS, "rows")
@@ -291,7 +291,7 @@ def cmd_check(args: argparse.Namespace, bars: Bars) -> int:
 
 
 def cmd_report(args: argparse.Namespace, bars: Bars) -> int:
-    from dispatchkit.report import plot_report_file
+    from dispatchkit.apps.covid.chart import plot_report_file
 
     src = Path(args.results)
     if not src.exists():

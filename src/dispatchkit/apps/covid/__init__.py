@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import dispatchkit as dk
+from dispatchkit.apps.covid.stats import wilson_arrays, wilson_interval
 from dispatchkit.keys import key_text
-from dispatchkit.stats import wilson_arrays, wilson_interval
 
 #: Accepted spellings of a result, compared after trimming and lower-casing.
 POSITIVE = ("positive", "pos", "p", "+", "1", "true", "yes", "detected")
@@ -138,7 +138,7 @@ def chart(results: pa.Table, path: Any) -> None:
     """Small multiples: the daily positive rate of each country with its Wilson band."""
     import polars as pl
 
-    from dispatchkit.report import plot_report
+    from dispatchkit.apps.covid.chart import plot_report
 
     df = pl.from_arrow(results)
     assert isinstance(df, pl.DataFrame)

@@ -4,7 +4,7 @@ A :class:`World` holds what every chunk of a generated file shares: each country
 of Faker names and cities, its test volume, the hourly and weekly rhythm of testing, and
 its positive rate in every hour (a baseline plus yearly epidemic waves). ``draw`` makes a
 chunk's rows as numbers; ``clean_table`` and ``dirty_table`` turn them into Arrow tables,
-building ISO 8601 text by arithmetic on a byte matrix. :mod:`dispatchkit.generator` owns
+building ISO 8601 text by arithmetic on a byte matrix. :mod:`dispatchkit.apps.covid.generate` owns
 the spec, the chunking and the files.
 """
 
@@ -212,7 +212,7 @@ class World:
         self, rng: np.random.Generator, rows: Rows, kinds: IntArray, empties: tuple[str, ...]
     ) -> pa.Table:
         """All-text columns carrying the defects ``kinds`` asks for: an index into
-        :data:`dispatchkit.generator.BAD_ROW_KINDS` per row, -1 for a good row.
+        :data:`dispatchkit.apps.covid.generate.BAD_ROW_KINDS` per row, -1 for a good row.
 
         Each corruptible column is a ``take`` from its good values followed by bad ones; a
         masked (null) index gives a null.

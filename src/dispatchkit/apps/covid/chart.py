@@ -35,7 +35,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from dispatchkit.stats import wilson_arrays
+from dispatchkit.apps.covid.stats import wilson_arrays
 
 __all__ = [
     "DEFAULT_TITLE",

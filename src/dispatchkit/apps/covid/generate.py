@@ -59,7 +59,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from faker.config import AVAILABLE_LOCALES
 
-from dispatchkit.world import COLUMNS, TEXT_SCHEMA, TYPED_SCHEMA, IntArray, World, seconds
+from dispatchkit.apps.covid.world import (
+    COLUMNS,
+    TEXT_SCHEMA,
+    TYPED_SCHEMA,
+    IntArray,
+    World,
+    seconds,
+)
 
 DEFAULT_START = datetime(2020, 3, 1, tzinfo=UTC)
 DEFAULT_END = datetime(2021, 1, 1, tzinfo=UTC)
