@@ -72,7 +72,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One country over 3 days: 3 job batches (for long jobs)."""
+    """One country over 3 days: 70 jobs in a few messages (for long jobs)."""
     path = tmp_path_factory.mktemp("faults") / "tiny.parquet"
     return make_input(path, rows=600, days=3, countries=1)
 
@@ -334,8 +334,8 @@ def test_collector_crash_after_store_write(data: Path, tmp_path: Path) -> None:
 
 
 def test_dispatcher_crash_mid_publish_and_rerun(wide: Path, tmp_path: Path) -> None:
-    """The dispatcher dies after queueing 600 of 1,200 batches; the rerun publishes only
-    the ones that did not reach the broker.
+    """The dispatcher dies after queueing 600 of about 1,000 messages; the rerun publishes
+    only the ones that did not reach the broker.
 
     The producer's queue is kept to 50 messages, so the dispatcher can only queue batch
     600 once most of the ones before it were sent. Otherwise a fast machine queues all
@@ -345,8 +345,9 @@ def test_dispatcher_crash_mid_publish_and_rerun(wide: Path, tmp_path: Path) -> N
     settings = new_settings()
     fleet = Fleet(settings, tmp_path / "logs")
     fleet.start_many(2)
+    # Small messages (about 1,000 of them), so the crash comes mid-run.
     args = ["dispatch", str(wide), *kafka_args(settings), "--run-id", "disp"]
-    args += ["--out", str(tmp_path)]
+    args += ["--out", str(tmp_path), "--max-message-bytes", "2048"]
     try:
         first = spawn(
             [*args, "-q"],
@@ -510,7 +511,8 @@ def test_job_longer_than_max_poll_interval(tiny: Path, tmp_path: Path) -> None:
         env={"DISPATCHKIT_TEST_FAULTS": "slow:8"},
     )
     sent = dispatch_quiet(tiny, tmp_path, "long", settings)
-    assert sent.batches == 3
+    n = sent.batches  # 70 jobs: a few buckets, one message each
+    assert 2 <= n <= 4, n
     fleet.start("w0")
     try:
         summary = collect_with(settings, "long", tmp_path)
@@ -521,10 +523,10 @@ def test_job_longer_than_max_poll_interval(tiny: Path, tmp_path: Path) -> None:
     assert codes == {"w0": 0}, log
     assert_run_exact(tiny, tmp_path, "long", settings)
     # Each batch ran once: no rebalance took a partition away mid-job, nothing aborted.
-    assert worker_done_batches(log) == [3], log
-    assert log.count("long job at") == 3, log
+    assert worker_done_batches(log) == [n], log
+    assert log.count("long job at") == n, log
     assert " lost " not in log and "aborting" not in log, log
-    assert len(result_records(settings, "long", committed=False)) == 3
+    assert len(result_records(settings, "long", committed=False)) == n
 
 
 def test_sigterm_mid_job_finishes_the_job_and_exits(tiny: Path, tmp_path: Path) -> None:

@@ -108,6 +108,7 @@ class Dispatcher:
         self.key_types = [str(t) for t in app.keyspec.types]
         self.stats = DispatchStats()
         self._capacity: float | None = None
+        self._split_sent: set[str] = set()
 
     def capacity(self, schema: pa.Schema) -> float:
         """Bytes of rows and entries one message may carry under the budget."""
@@ -194,8 +195,6 @@ class Dispatcher:
             buckets = buckets[keep]
             lengths = lengths[keep]
             offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
-        stats.jobs_sent += len(ids)
-        stats.rows_sent += table.num_rows
         body = table.select(list(self.task.reads))
         capacity = self.capacity(body.schema)
         row_cost = wire.row_bytes(body) * 1.01  # lz4 may add a little to random data
@@ -239,6 +238,12 @@ class Dispatcher:
         ]
         if not entries:
             return
+        for e in entries:  # a job counts as sent with its first part published now
+            if e.parts == 1 or e.job_id not in self._split_sent:
+                self.stats.jobs_sent += 1
+                if e.parts > 1:
+                    self._split_sent.add(e.job_id)
+            self.stats.rows_sent += e.end - e.start
         rows = body.slice(cut.row_start, cut.row_end - cut.row_start)
         if len(entries) < len(cut.job):  # some parts were published before: keep the rest
             picked = [(e.start, e.end) for e in entries]

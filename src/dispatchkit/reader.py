@@ -15,11 +15,13 @@ of the first rule it fails (:mod:`dispatchkit.rules`). Queries over that view gi
    and the columns a task reads, sorted by ``(bucket, key)``, streamed back in Arrow
    record batches.
 
-``bucket`` is :data:`NBUCKETS`-way hash of the key, the same in every process, machine
-and DuckDB version: the MD5 digest of the key's values as text (joined by ``chr(31)``;
-a floored time as integer epoch microseconds, a boolean as ``true``/``false``), read as
-an unsigned little-endian 128-bit integer, modulo :data:`NBUCKETS` (see
-:func:`key_bucket`).
+``bucket`` is a hash of the key, the same in every process, machine and DuckDB
+version: the MD5 digest of the key's values as text (joined by ``chr(31)``; a floored
+time as integer epoch microseconds, a boolean as ``true``/``false``), read as an
+unsigned little-endian 128-bit integer, modulo the run's bucket count (see
+:func:`key_bucket`): :func:`bucket_count` of its jobs, about :data:`JOBS_PER_BUCKET`
+jobs a bucket, a power of two up to :data:`NBUCKETS`. A small run so gets few messages,
+a big one spreads over many partitions; a given input always gets the same count.
 
 Memory stays bounded because DuckDB sorts out of core: it is given a memory limit and a
 spill directory, and we only ever hold one record batch in Python. Input size changes
@@ -69,6 +71,18 @@ GLOB_CHARS = "*?["
 #: A power of two (the SQL takes the hash's low bits).
 NBUCKETS: Final = 256
 assert NBUCKETS & (NBUCKETS - 1) == 0
+#: Jobs a bucket aims at, so that small runs are not cut into a message per job.
+JOBS_PER_BUCKET: Final = 32
+
+
+def bucket_count(jobs: int) -> int:
+    """Buckets of a run of ``jobs`` jobs: a power of two, at most :data:`NBUCKETS`."""
+    n = 1
+    while n < NBUCKETS and n * JOBS_PER_BUCKET < jobs:
+        n *= 2
+    return n
+
+
 #: Separates a key's values in the text that is hashed into its bucket.
 KEY_SEPARATOR: Final = chr(31)
 
@@ -239,7 +253,9 @@ def fingerprint(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def key_bucket(keyspec: KeySpec, key: Mapping[str, object] | Sequence[object]) -> int:
+def key_bucket(
+    keyspec: KeySpec, key: Mapping[str, object] | Sequence[object], buckets: int = NBUCKETS
+) -> int:
     """The bucket of a key (a dict by key name, or its values in key order).
 
     The same number :meth:`InputReader.sorted_valid` gives its rows, computed in Python.
@@ -254,7 +270,7 @@ def key_bucket(keyspec: KeySpec, key: Mapping[str, object] | Sequence[object]) -
         else:
             parts.append(str(v))
     digest = hashlib.md5(KEY_SEPARATOR.join(parts).encode(), usedforsecurity=False).digest()
-    return int.from_bytes(digest, "little") % NBUCKETS
+    return int.from_bytes(digest, "little") % buckets
 
 
 @dataclass(frozen=True)
@@ -535,12 +551,17 @@ class InputReader:
                 out.append(alias(part))
         return out
 
+    @property
+    def buckets(self) -> int:
+        """The run's bucket count (:func:`bucket_count` of its jobs)."""
+        return bucket_count(self.counts().jobs)
+
     def _bucket_expr(self, keys: Sequence[str]) -> str:
         text = f" || {literal(KEY_SEPARATOR)} || ".join(f"CAST({k} AS VARCHAR)" for k in keys)
         # md5_number % NBUCKETS as its low bits: a power of two, so the same for an
         # unsigned or a signed (two's complement) md5_number, and far faster than ``%``
         # on a 128-bit integer.
-        return f"CAST(md5_number({text}) & {NBUCKETS - 1} AS INTEGER)"
+        return f"CAST(md5_number({text}) & {self.buckets - 1} AS INTEGER)"
 
     def _value_columns(self, columns: Sequence[str] | None) -> list[str]:
         """The requested columns that are not key columns (default: the non-key columns)."""
