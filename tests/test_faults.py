@@ -512,7 +512,7 @@ def test_job_longer_than_max_poll_interval(tiny: Path, tmp_path: Path) -> None:
     )
     sent = dispatch_quiet(tiny, tmp_path, "long", settings)
     n = sent.batches  # 70 jobs: a few buckets, one message each
-    assert 2 <= n <= 4, n
+    assert 2 <= n <= 8, n
     fleet.start("w0")
     try:
         summary = collect_with(settings, "long", tmp_path)

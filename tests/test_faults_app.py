@@ -53,7 +53,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 #: The app by file path, absolute: the worker processes need not run from the repository.
 SALES_APP = f"{REPO / 'examples' / 'sales' / 'app.py'}:app"
 TASK = "stats"
-BUDGET = 20_000
+BUDGET = 4_000
 KEYS = ("store_id", "day")
 #: As in test_faults.py: a worker killed without a restart leaves a transaction open that
 #: the broker aborts only after transaction.timeout.ms (60 s) plus up to 10 s.
