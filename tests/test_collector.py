@@ -328,7 +328,7 @@ def test_a_fatal_consumer_ends_the_collector_with_one_line_and_exit_3(
     def fatal_collect(*args: object, **kw: object) -> RunSummary:
         raise caught.value
 
-    monkeypatch.setattr("dispatchkit.collector.collect", fatal_collect)
+    monkeypatch.setattr("dispatchkit.kafka_run.collect", fatal_collect)
     code = cli.main(["collect", *kafka_args(settings), "--run-id", "r", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3

@@ -22,6 +22,8 @@ from .kafka_helpers import committed_result_job_ids, kafka_args, new_settings, r
 
 pytestmark = pytest.mark.kafka
 
+SALES = "examples/sales/app.py:app"
+
 POISON = [
     b"\x00\x01garbage that is not msgpack",
     msgpack.packb(
@@ -147,6 +149,17 @@ def test_failing_job_is_dead_lettered_then_replayed(small_parquet: Path, tmp_pat
         timeout=60,
     )
     assert listed.returncode == 0 and "Portugal" in listed.stdout
+    # Workers of another app could not take them: a replay under it is refused, whole.
+    cmd = ["dlq", "replay", *kargs, "--run-id", "dl", "--app", SALES]
+    other = subprocess.run(
+        [sys.executable, "-m", "dispatchkit", *cmd],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    err = other.stderr.strip().splitlines()
+    assert other.returncode == 2 and len(err) == 1, other.stderr
+    assert "made by app 'covid'" in err[0] and "'sales'" in err[0], err
     assert replay(settings, run_id="dl") == (failing, 0)
     # Replayed and still pending: a second replay publishes nothing.
     assert replay(settings, run_id="dl") == (0, failing)
@@ -205,3 +218,12 @@ def test_status_shows_progress(small_parquet: Path, tmp_path: Path) -> None:
     )
     assert f"{total:,} done of {total:,}" in after.stdout, after.stdout
     assert "lag" in after.stdout and "[0] 0" in after.stdout
+    assert "app     covid " in after.stdout and "not the app given" not in after.stdout
+    other = subprocess.run(
+        [sys.executable, "-m", "dispatchkit", "status", *kargs, "--run-id", "st", "--app", SALES],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert other.returncode == 0, other.stderr
+    assert "not the app given (sales " in other.stdout, other.stdout

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -25,8 +25,11 @@ from dispatchkit import wire
 from dispatchkit.brokers.kafka.broker import H_BATCH, H_RUN, KafkaBroker, headers_of, scan
 from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.dispatcher import Outgoing
-from dispatchkit.errors import DecodeError
+from dispatchkit.errors import DecodeError, UsageError
 from dispatchkit.keys import key_text
+
+if TYPE_CHECKING:
+    from dispatchkit.app import App
 
 #: The end of a replayed batch's id.
 REPLAY_SUFFIX = ".replay"
@@ -90,12 +93,23 @@ def list_dead(
 
 
 def replay(
-    settings: KafkaSettings, *, run_id: str | None = None, keys: list[str] | None = None
+    settings: KafkaSettings,
+    *,
+    run_id: str | None = None,
+    keys: list[str] | None = None,
+    app: App | None = None,
 ) -> tuple[int, int]:
     """Republish dead-lettered jobs neither done nor already replayed and pending; returns
     (replayed, skipped), counted per dead-lettered job (a payload that is no job message
-    counts as skipped)."""
+    counts as skipped).
+
+    Given the ``app`` the workers run, jobs made by another app, or by other code of it
+    (another fingerprint), are refused before anything is published: no worker of that
+    deployment would take them.
+    """
     entries = list_dead(settings, run_id=run_id, keys=keys)
+    if app is not None:
+        _check_app(entries, app)
     runs = {e.headers.get(H_RUN, "") for e in entries if e.jobs}
     done = {r: _done_parts(settings, r) for r in runs}
     replays = {r: _replayed_parts(settings, r) for r in runs}
@@ -125,6 +139,17 @@ def replay(
     finally:
         broker.close()
     return replayed, skipped
+
+
+def _check_app(entries: list[DeadLetterEntry], app: App) -> None:
+    for e in entries:
+        m = e.message
+        if m is not None and e.jobs and (m.app, m.fingerprint) != (app.name, app.fingerprint):
+            raise UsageError(
+                f"dead letters of run {m.run_id!r} were made by app {m.app!r} {m.fingerprint}; "
+                f"--app gives {app.name!r} {app.fingerprint}: replay them with the run's app, "
+                "or rerun the run with the new one"
+            )
 
 
 def _one_job(msg: wire.JobMessage, job: wire.JobEntry, record_key: bytes) -> Outgoing:

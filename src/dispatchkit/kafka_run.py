@@ -1,11 +1,10 @@
-"""Runs on Kafka: dispatch, work, and all-in-one runs — the library behind the Kafka commands.
-
-The collector (collect, status) lives in :mod:`dispatchkit.collector` and is re-exported
-here, so ``dispatchkit.kafka_run`` holds every Kafka command's function.
+"""Runs on Kafka: dispatch, work, collect, and all-in-one runs — the Kafka commands.
 
 Each function is what one CLI command does. They share the embedded run's pieces
-(:func:`~dispatchkit.runner.prepare`, the store, :func:`~dispatchkit.runner.finish`), so
-a Kafka run writes the same files, the same way, as an embedded one.
+(:func:`~dispatchkit.runner.prepare`, the store, and the collector's loop
+:func:`~dispatchkit.collector.collect_run` with its ending
+:func:`~dispatchkit.collector.conclude`), so a Kafka run writes the same files, the same
+way, as an embedded one. ``status`` is :func:`dispatchkit.brokers.kafka.status.status`.
 """
 
 from __future__ import annotations
@@ -18,10 +17,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
 import msgspec
@@ -31,15 +31,30 @@ from dispatchkit.app import App, Task, load_app
 from dispatchkit.brokers.kafka.broker import KafkaBroker
 from dispatchkit.brokers.kafka.settings import KafkaSettings, Secret
 from dispatchkit.brokers.kafka.source import KafkaJobSource, default_worker_id
+from dispatchkit.brokers.kafka.status import (
+    collector_group,
+    dead_jobs,
+    status,
+    worker_group,
+)
 from dispatchkit.claim import HEARTBEAT_SECONDS, Holding, describe, holder_of, is_alive, new_owner
-from dispatchkit.cli.progress import Bars
-from dispatchkit.collector import collect, collector_group, dead_jobs, status, worker_group
+from dispatchkit.collector import WAIT_FOR_DISPATCH, collect_run, conclude
 from dispatchkit.dispatcher import Dispatcher
 from dispatchkit.errors import RunError
 from dispatchkit.identity import check_identity
-from dispatchkit.message import SCHEMA_VERSION, Manifest
+from dispatchkit.message import Manifest
+from dispatchkit.progress import NoProgress, Progress
 from dispatchkit.reader import fingerprint, resolve_inputs
-from dispatchkit.runner import RunSpec, RunSummary, prepare, prepare_run_id, spec_identity
+from dispatchkit.runner import (
+    STORE_NAME,
+    RunSpec,
+    RunSummary,
+    manifest_of,
+    prepare,
+    prepare_run_id,
+    spec_identity,
+)
+from dispatchkit.store import ResultStore
 from dispatchkit.worker import RetryPolicy, Worker, WorkerStats, run
 
 __all__ = [
@@ -66,7 +81,7 @@ log = logging.getLogger(__name__)
 def dispatch(
     spec: RunSpec,
     settings: KafkaSettings,
-    bars: Bars | None = None,
+    bars: Progress | None = None,
     *,
     wait_for_holder: float = 60.0,
 ) -> RunSummary:
@@ -77,7 +92,7 @@ def dispatch(
     then refused. A rerun whose identity differs from the run's is refused before
     anything is written.
     """
-    bars = bars or Bars(enabled=False)
+    progress = bars or NoProgress()
     t0 = time.perf_counter()
     broker = KafkaBroker(settings)
     # Connecting, creating the topics and the producer's idempotence PID are round trips
@@ -100,20 +115,7 @@ def dispatch(
     summary.rows_quarantined, summary.bad_rows = prep.counts.rows_bad, dict(prep.counts.bad)
     with prep.reader:
         try:
-            manifest = Manifest(
-                v=SCHEMA_VERSION,
-                run_id=prep.run_id,
-                status="dispatching",
-                task=spec.task,
-                input_fingerprint=prep.fingerprint,
-                rows_read=prep.counts.rows_read,
-                rows_dispatched=prep.counts.rows_valid,
-                rows_quarantined=prep.counts.rows_bad,
-                total_jobs=prep.total_jobs,
-                created_at=time.time(),
-                identity=prep.identity,
-                owner=new_owner(),
-            )
+            manifest = manifest_of(spec, prep, owner=new_owner())
             held = _hold(broker, manifest, wait_for_holder)
             if held.dispatched is not None:
                 log.info("run %s was dispatched already; nothing to publish", prep.run_id)
@@ -135,10 +137,10 @@ def dispatch(
                 run_id=prep.run_id,
                 max_message_bytes=spec.max_message_bytes,
             )
-            bars.add("dispatch", prep.counts.rows_valid, "rows")
+            progress.add("dispatch", prep.counts.rows_valid, "rows")
             beat = time.monotonic()
             for message in dispatcher.messages(
-                skip_parts=published, on_rows=lambda n: bars.advance("dispatch", n)
+                skip_parts=published, on_rows=lambda n: progress.advance("dispatch", n)
             ):
                 broker.publish(message)
                 faults.crash_point("dispatch.mid_publish")
@@ -256,6 +258,71 @@ class _Background:
                 self._cleanup = cleanup
                 return
         cleanup()
+
+
+# -- collect ----------------------------------------------------------------------------
+
+
+@outdir.holds_out_dir("collect")  # one collector per --out: the store is single-writer
+def collect(
+    settings: KafkaSettings,
+    run_id: str,
+    out: Path,
+    *,
+    bars: Progress | None = None,
+    report: bool = True,
+    timeout: float | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    on_tick: Callable[[], None] | None = None,
+    dead_grace: float = 5.0,
+    wait_for_dispatch: float | None = WAIT_FOR_DISPATCH,
+    identity: Mapping[str, str] | None = None,
+    app: App | None = None,
+) -> RunSummary:
+    """Store a run's results from Kafka until its manifest's jobs are all done, export them.
+
+    The collector reads the results topic ``read_committed`` (aborted worker transactions
+    are never seen) and keeps its read positions in its store, written with the results
+    they read: the store alone says where its collector goes on, so collectors into other
+    directories cannot move it, and a crash re-reads at most what the store does not
+    hold. See :func:`~dispatchkit.collector.collect_run` for when it stops.
+    """
+    the_app = app if app is not None else load_app(None)
+    t0 = time.perf_counter()
+    summary = RunSummary(run_id=run_id)
+    with ResultStore(out / STORE_NAME) as store:
+        broker = KafkaBroker(
+            settings,
+            collector_group=collector_group(settings, run_id),
+            start_positions=store.read_positions(run_id, settings.results_topic),
+        )
+        broker.run_id = run_id
+        try:
+            collected = collect_run(
+                broker,
+                store,
+                run_id,
+                app=the_app,
+                progress=bars,
+                on_tick=on_tick,
+                on_progress=on_progress,
+                timeout=timeout,
+                dead_grace=dead_grace,
+                wait_for_dispatch=wait_for_dispatch,
+                identity=identity,
+                inputs="kafka",
+                where=settings.manifests_topic,
+            )
+        finally:
+            broker.close()
+        manifest = collected.manifest
+        summary.rows_read = manifest.rows_read
+        summary.rows_valid = manifest.rows_dispatched
+        summary.rows_quarantined = manifest.rows_quarantined
+        conclude(store, collected, the_app, out, report=report, summary=summary)
+    summary.files["store"] = out / STORE_NAME
+    summary.seconds["collect"] = time.perf_counter() - t0
+    return summary
 
 
 # -- worker -----------------------------------------------------------------------------
@@ -405,9 +472,8 @@ def _dispatched(future: Future[RunSummary]) -> RunSummary:
 
 
 @outdir.holds_out_dir("run")  # both locks, in the parent; the dispatcher child inherits one
-def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Bars | None = None) -> RunSummary:
+def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Progress | None = None) -> RunSummary:
     """Dispatcher, ``spec.workers`` worker processes and the collector, on one machine."""
-    bars = bars or Bars(enabled=False)
     t0 = time.perf_counter()
     from dispatchkit.brokers.kafka.broker import ensure_topics
 

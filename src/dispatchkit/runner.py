@@ -1,13 +1,14 @@
 """A whole run: prepare the input, dispatch, collect into the store, export, report.
 
 :func:`run_embedded` is what ``dispatchkit run`` does with the default (embedded)
-broker. The pieces — :func:`prepare`, :func:`pump_results` and :func:`finish` — are
-shared with the Kafka commands so both backends write the same files the same way.
+broker: it publishes the run's job messages through the collector's loop
+(:func:`dispatchkit.collector.collect_run`), the loop the Kafka collector runs too.
+:func:`prepare` (validate the input, write the quarantine, refuse a changed rerun) is
+shared with the Kafka dispatcher, so both backends write the same files the same way.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import time
@@ -17,24 +18,28 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
 import pyarrow as pa
 
-from dispatchkit import faults
 from dispatchkit.app import App, Task, Timestamp, load_app
-from dispatchkit.brokers.base import Broker
-from dispatchkit.cli.progress import Bars
+from dispatchkit.collector import Collected, collect_run, conclude
 from dispatchkit.dispatcher import DEFAULT_MAX_MESSAGE_BYTES, Dispatcher, too_big_message
-from dispatchkit.errors import DecodeError, InputError, RunError, UsageError
+from dispatchkit.errors import InputError, RunError, UsageError
 from dispatchkit.identity import run_identity
 from dispatchkit.keys import key_text
+from dispatchkit.message import SCHEMA_VERSION, Manifest
 from dispatchkit.outdir import holds_out_dir
+from dispatchkit.progress import NoProgress, Progress
 from dispatchkit.reader import InputReader, RowCounts, fingerprint, resolve_inputs
-from dispatchkit.store import ResultStore, RunRecord, write_results
-from dispatchkit.wire import JobMessage, decode_jobs
+from dispatchkit.store import ResultStore, RunRecord
+from dispatchkit.summary import RunSummary
 from dispatchkit.worker import RetryPolicy
 
 if TYPE_CHECKING:
-    from dispatchkit.brokers.embedded import EmbeddedBroker
+    from dispatchkit.brokers.base import Broker
+    from dispatchkit.dispatcher import Outgoing
+
+__all__ = ["STORE_NAME", "RunSpec", "RunSummary", "prepare", "run_embedded"]
 
 log = logging.getLogger(__name__)
 
@@ -62,29 +67,6 @@ class RunSpec:
     #: The app, by import path (``module:attr`` or ``file.py:attr``); ``None``: the
     #: ``$DISPATCHKIT_APP`` or the built-in COVID app.
     app: str | None = None
-
-
-@dataclass
-class RunSummary:
-    """What a run did, for the printed summary and for tests."""
-
-    run_id: str
-    status: str = "started"
-    rows_read: int = 0
-    rows_valid: int = 0
-    rows_quarantined: int = 0
-    bad_rows: dict[str, int] = field(default_factory=dict)
-    jobs: int = 0
-    jobs_done: int = 0
-    jobs_sent: int = 0
-    jobs_skipped: int = 0
-    split_jobs: int = 0
-    batches: int = 0
-    duplicates_ignored: int = 0
-    failed_jobs: list[str] = field(default_factory=list)
-    worker_restarts: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)
-    files: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -223,45 +205,10 @@ _ARROW = {
 }
 
 
-def pump_results(broker: Broker, store: ResultStore, timeout: float, flush_at: int = 20_000) -> int:
-    """Move arrived results into the store; flush (then commit the broker) when enough wait.
-
-    Returns the number of job parts that arrived.
-    """
-    got = 0
-    for msg in broker.results(timeout):
-        got += store.add(msg)
-    if store.buffered >= faults.flush_at(flush_at):
-        store.flush()
-        faults.crash_point("run.after_flush")
-        broker.commit_results()
-    return got
-
-
-def finish(
-    store: ResultStore, run_id: str, app: App, out: Path, *, report: bool, summary: RunSummary
-) -> None:
-    """Export results.parquet/csv, and the app's chart as report.png, from the store."""
-    t0 = time.perf_counter()
-    results = store.results(run_id)
-    pq_path, csv_path = write_results(results, out)
-    summary.files["results.parquet"] = pq_path
-    summary.files["results.csv"] = csv_path
-    summary.jobs_done = results.height
-    if report and results.height and app.chart_fn is not None:
-        from dispatchkit.outdir import atomic_path
-
-        path = out / "report.png"
-        with atomic_path(path) as tmp:
-            app.chart_fn(results.to_arrow(), tmp)
-        summary.files["report.png"] = path
-    summary.seconds["export"] = time.perf_counter() - t0
-
-
 @holds_out_dir("run")  # one writer per --out, before anything is written there
-def run_embedded(spec: RunSpec, bars: Bars | None = None) -> RunSummary:
+def run_embedded(spec: RunSpec, bars: Progress | None = None) -> RunSummary:
     """Run the whole job on this machine with ``spec.workers`` worker processes."""
-    bars = bars or Bars(enabled=False)
+    progress = bars or NoProgress()
     t_start = time.perf_counter()
     with ResultStore(spec.out / STORE_NAME) as store:
         records: list[RunRecord] = []
@@ -275,11 +222,29 @@ def run_embedded(spec: RunSpec, bars: Bars | None = None) -> RunSummary:
         _count_rows(summary, prep)
         summary.seconds["prepare"] = time.perf_counter() - t_start
         with prep.reader:
-            _run_prepared(spec, prep, store, record, bars, summary)
+            _run_prepared(spec, prep, store, record, progress, summary)
     summary.files["quarantine.parquet"] = spec.out / "quarantine.parquet"
     summary.files["store"] = spec.out / STORE_NAME
     summary.seconds["total"] = time.perf_counter() - t_start
     return summary
+
+
+def manifest_of(spec: RunSpec, prep: Prepared, **changes: object) -> Manifest:
+    """The run's manifest as its dispatcher announces it (``dispatching``)."""
+    manifest = Manifest(
+        v=SCHEMA_VERSION,
+        run_id=prep.run_id,
+        status="dispatching",
+        task=spec.task,
+        input_fingerprint=prep.fingerprint,
+        rows_read=prep.counts.rows_read,
+        rows_dispatched=prep.counts.rows_valid,
+        rows_quarantined=prep.counts.rows_bad,
+        total_jobs=prep.total_jobs,
+        created_at=time.time(),
+        identity=prep.identity,
+    )
+    return msgspec.structs.replace(manifest, **changes) if changes else manifest
 
 
 def _run_prepared(
@@ -287,11 +252,12 @@ def _run_prepared(
     prep: Prepared,
     store: ResultStore,
     record: RunRecord,
-    bars: Bars,
+    progress: Progress,
     summary: RunSummary,
 ) -> None:
     from dispatchkit.brokers.embedded import EmbeddedBroker
 
+    assert prep.app is not None
     store.update_run(
         prep.run_id,
         status="dispatching",
@@ -304,24 +270,16 @@ def _run_prepared(
     if record.status == "complete" and len(done) == prep.total_jobs:
         log.info("run %s is already complete; nothing to do", prep.run_id)
         summary.jobs_skipped = len(done)
+        final = manifest_of(spec, prep, status="dispatched", total_parts=record.total_parts)
+        collected = Collected(final, "complete")
     else:
-        app_spec = prep.app.spec if prep.app is not None else spec.app
+        app_spec = prep.app.spec if prep.app.spec is not None else spec.app
         broker = EmbeddedBroker(spec.workers, app=app_spec, retry=spec.retry)
-        _dispatch_and_collect(spec, prep, store, done, bars, summary, broker)
-    assert prep.app is not None
-    finish(store, prep.run_id, prep.app, spec.out, report=spec.report, summary=summary)
-    if summary.failed_jobs:
-        summary.files["dead_letters.csv"] = write_dead_letters(summary.failed_jobs, spec.out)
-    if summary.rows_valid and summary.jobs_done != prep.total_jobs:
-        summary.status = "incomplete"
-    else:
-        summary.status = "complete"
-    store.update_run(
-        prep.run_id,
-        status=summary.status,
-        rows_dispatched=summary.rows_valid,
-        total_parts=prep.total_jobs + summary.split_jobs,
-    )
+        try:
+            collected = _dispatch_and_collect(spec, prep, store, done, progress, summary, broker)
+        finally:
+            broker.close()
+    conclude(store, collected, prep.app, spec.out, report=spec.report, summary=summary)
 
 
 def _count_rows(summary: RunSummary, prep: Prepared) -> None:
@@ -336,10 +294,12 @@ def _dispatch_and_collect(
     prep: Prepared,
     store: ResultStore,
     done: set[str],
-    bars: Bars,
+    progress: Progress,
     summary: RunSummary,
-    broker: EmbeddedBroker,
-) -> None:
+    broker: Broker,
+) -> Collected:
+    """Publish the jobs not done yet through the collector's loop, which stores results
+    as they come; the run is closed (its manifest ``dispatched``) when all are sent."""
     assert prep.app is not None
     dispatcher = Dispatcher(
         prep.reader,
@@ -348,67 +308,45 @@ def _dispatch_and_collect(
         run_id=prep.run_id,
         max_message_bytes=spec.max_message_bytes,
     )
-    bars.add("dispatch", prep.counts.rows_valid, "rows")
-    bars.add("work", prep.total_jobs, "jobs")
-    bars.update("work", completed=len(done))
+    manifest = manifest_of(spec, prep)
     t0 = time.perf_counter()
-    try:
-        broker.start()
-        for i, batch in enumerate(
-            dispatcher.messages(skip=done, on_rows=lambda n: bars.advance("dispatch", n))
-        ):
-            broker.publish(batch)
-            if i % 64 == 0:
-                bars.advance("work", pump_results(broker, store, 0.0))
+    progress.add("dispatch", prep.counts.rows_valid, "rows")
+
+    def feed() -> Iterator[Outgoing]:
+        yield from dispatcher.messages(skip=done, on_rows=lambda n: progress.advance("dispatch", n))
+        stats = dispatcher.stats
+        if stats.rows_cut != prep.counts.rows_valid:
+            raise RunError(
+                f"internal check failed: {stats.rows_cut} rows cut into jobs but "
+                f"{prep.counts.rows_valid} rows are valid"
+            )
         summary.seconds["dispatch"] = time.perf_counter() - t0
-        while broker.outstanding:
-            bars.advance("work", pump_results(broker, store, 0.5))
-        bars.advance("work", pump_results(broker, store, 0.0))
-        store.flush()
-    finally:
-        broker.close()
+        broker.close_run(
+            msgspec.structs.replace(
+                manifest,
+                status="dispatched",
+                total_parts=stats.parts,
+                total_batches=stats.messages,
+            )
+        )
+
+    broker.open_run(manifest)
+    collected = collect_run(
+        broker,
+        store,
+        prep.run_id,
+        app=prep.app,
+        feed=feed(),
+        progress=progress,
+        wait_for_dispatch=None,
+        inputs=spec.input,
+        where="this process",
+    )
     summary.seconds["work"] = time.perf_counter() - t0
     stats = dispatcher.stats
-    if stats.rows_cut != prep.counts.rows_valid:
-        raise RunError(
-            f"internal check failed: {stats.rows_cut} rows cut into jobs but "
-            f"{prep.counts.rows_valid} rows are valid"
-        )
     summary.jobs_sent = stats.jobs_sent
     summary.jobs_skipped = stats.jobs_skipped
     summary.split_jobs = stats.split_jobs
     summary.batches = stats.messages
-    summary.duplicates_ignored = store.duplicates
-    summary.worker_restarts = broker.restarts
-    for dead in broker.dead_letters:
-        try:
-            msg = decode_jobs(dead.payload)
-        except DecodeError:
-            summary.failed_jobs.append(f"undecodable batch ({dead.rejection.error})")
-            continue
-        summary.failed_jobs.extend(
-            f"{key_text(dict(zip(msg.key_names, _key_values(msg, j.key), strict=True)))}: "
-            f"{dead.rejection.error_class}: {dead.rejection.error}"
-            for j in msg.jobs
-        )
-
-
-def _key_values(msg: JobMessage, key: tuple[object, ...]) -> list[object]:
-    """A job entry's key with its timestamps as datetimes, for display."""
-    out: list[object] = []
-    for t, v in zip(msg.key_types, key, strict=True):
-        if t.startswith("timestamp") and isinstance(v, int):
-            out.append(datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=v))
-        else:
-            out.append(v)
-    return out
-
-
-def write_dead_letters(failed: list[str], out: Path) -> Path:
-    """The embedded run's dead-lettered jobs, one line each: key and error."""
-    path = out / "dead_letters.csv"
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["job", "error"])
-        writer.writerows(f.partition(": ")[::2] for f in failed)
-    return path
+    summary.worker_restarts = getattr(broker, "restarts", 0)
+    return collected

@@ -235,6 +235,13 @@ class JobMessage:
         """One row per job: the key columns with their Arrow types."""
         return keys_table(self.key_names, self.key_types, [job.key for job in self.jobs])
 
+    def key_texts(self) -> dict[str, str]:
+        """``job id → key`` as logs show it (:func:`dispatchkit.keys.key_text`)."""
+        from dispatchkit.keys import key_text
+
+        keys = self.keys().to_pylist()
+        return {job.job_id: key_text(key) for job, key in zip(self.jobs, keys, strict=True)}
+
 
 def keys_table(
     names: Sequence[str], types: Sequence[str], keys: Sequence[Sequence[KeyValue]]

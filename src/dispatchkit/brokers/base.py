@@ -3,7 +3,9 @@
 Two sides, two small interfaces:
 
 * :class:`Broker` — what the dispatcher and the collector see: announce a run, publish
-  job batches, read result batches back, commit what has been stored, close.
+  job batches, read the run's manifest and result batches back, commit what has been
+  stored, list the dead-lettered jobs, close. One collecting loop
+  (:func:`dispatchkit.collector.collect_run`) drives every transport through it.
 * :class:`JobSource` — what a worker sees: consume one delivery, ack it with the
   encoded result (the result becomes durable and the job consumed, as one step), or
   reject it to the dead letters, close.
@@ -24,6 +26,7 @@ from dispatchkit.message import Manifest
 
 if TYPE_CHECKING:
     from dispatchkit.dispatcher import Outgoing
+    from dispatchkit.store import ReadPositions
     from dispatchkit.wire import ResultMessage
 
 T = TypeVar("T")
@@ -72,6 +75,31 @@ class Broker(ABC):
     @abstractmethod
     def commit_results(self) -> None:
         """Mark results returned so far as stored (call after the store's flush)."""
+
+    @abstractmethod
+    def read_manifest(self, run_id: str) -> Manifest | None:
+        """The run's manifest as the transport holds it: ``dispatched`` once it is."""
+
+    @abstractmethod
+    def dead_jobs(self, run_id: str) -> dict[str, str]:
+        """``job id → "key: error"`` of the run's dead-lettered jobs."""
+
+    def positions(self) -> ReadPositions | None:
+        """Where reading the results got to, for the store to keep with them; ``None``
+        when the transport tracks that itself (:meth:`commit_results`)."""
+        return None
+
+    def settled(self) -> bool:
+        """True when no result can arrive any more for what was published (a closed
+        run with nothing in flight); a transport that cannot know says ``False``, and
+        the collector waits for results, or for dead letters to explain their absence."""
+        return False
+
+    def refresh(self) -> None:  # noqa: B027 - optional hook
+        """Notice changes of the transport (new partitions); called every few seconds."""
+
+    #: Seconds between two reads of the run's manifest while it is not ``dispatched``.
+    manifest_interval: float = 2.0
 
     @abstractmethod
     def close(self) -> None:

@@ -33,9 +33,9 @@ import msgspec
 from dispatchkit import procs
 from dispatchkit.app import load_app
 from dispatchkit.brokers.base import Broker, Delivery, JobSource, Rejection
-from dispatchkit.errors import BrokerError
+from dispatchkit.errors import BrokerError, DecodeError
 from dispatchkit.message import Manifest
-from dispatchkit.wire import ResultMessage, decode_results
+from dispatchkit.wire import ResultMessage, decode_jobs, decode_results
 from dispatchkit.worker import RetryPolicy, Worker, run
 
 if TYPE_CHECKING:
@@ -98,6 +98,7 @@ class EmbeddedBroker(Broker):
         self.dead_letters: list[DeadLetter] = []
         self.restarts = 0
         self.batches_sent = 0
+        self._manifest: Manifest | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -138,11 +139,38 @@ class EmbeddedBroker(Broker):
 
     # -- Broker ------------------------------------------------------------------------
 
+    #: The manifest is held here, in this process: read it at every turn of the loop.
+    manifest_interval = 0.0
+
     def open_run(self, manifest: Manifest) -> None:
+        self._manifest = manifest
         self.start()
 
     def close_run(self, manifest: Manifest) -> None:
-        """Nothing to record: the store holds the embedded run's ledger."""
+        """Hold the run's final manifest; the store holds the embedded run's ledger."""
+        self._manifest = manifest
+
+    def read_manifest(self, run_id: str) -> Manifest | None:
+        m = self._manifest
+        return m if m is not None and m.run_id == run_id else None
+
+    def settled(self) -> bool:
+        """The run is closed and every batch sent has had its reply."""
+        m = self._manifest
+        return m is not None and m.status == "dispatched" and self.outstanding == 0
+
+    def dead_jobs(self, run_id: str) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for i, dead in enumerate(self.dead_letters):
+            why = f"{dead.rejection.error_class}: {dead.rejection.error}"
+            try:
+                msg = decode_jobs(dead.payload, validate=False)
+            except DecodeError:
+                out[f"undecodable-batch-{i}"] = f"undecodable batch ({dead.rejection.error})"
+                continue
+            if msg.run_id == run_id:
+                out.update({job: f"{key}: {why}" for job, key in msg.key_texts().items()})
+        return out
 
     def publish(self, message: Outgoing) -> None:
         self.start()

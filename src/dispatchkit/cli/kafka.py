@@ -110,6 +110,7 @@ def register(add: Add, kafka_flags: Flags) -> None:
         "examples:\n  dispatchkit status -b 127.0.0.1:9092 --run-id r1",
         cmd_status,
     )
+    add_app_flag(s)
     s.add_argument("--run-id", required=True, help="the run to show")
     kafka_flags(s, required=True)
 
@@ -121,6 +122,7 @@ def register(add: Add, kafka_flags: Flags) -> None:
         cmd_dlq,
     )
     q.add_argument("action", choices=["list", "replay"], help="what to do")
+    add_app_flag(q)
     q.add_argument("--run-id", help="only this run")
     q.add_argument(
         "--key",
@@ -199,7 +201,7 @@ def cmd_worker(args: argparse.Namespace, bars: Bars) -> int:
 def cmd_collect(args: argparse.Namespace, bars: Bars) -> int:
     from dispatchkit.app import load_app
     from dispatchkit.cli.run import print_summary
-    from dispatchkit.collector import collect
+    from dispatchkit.kafka_run import collect
 
     settings = kafka_settings_from_args(args)
     app = load_app(args.app)
@@ -219,14 +221,25 @@ def cmd_collect(args: argparse.Namespace, bars: Bars) -> int:
 
 
 def cmd_status(args: argparse.Namespace, bars: Bars) -> int:
-    from dispatchkit.collector import status
+    from dispatchkit.app import load_app
+    from dispatchkit.kafka_run import status
 
     settings = kafka_settings_from_args(args)
+    app = load_app(args.app)
     st = status(settings, args.run_id)
     m = st.manifest
     if m is None:
         raise UsageError(f"run {args.run_id!r} has no manifest on {settings.manifests_topic}")
     print(f"run {st.run_id}: {m.status}, task {m.task}")
+    made = m.run_identity()
+    if "app" in made:
+        line = f"  app     {made['app']} {made.get('fingerprint', '')}"
+        if (made["app"], made.get("fingerprint")) != (app.name, app.fingerprint):
+            line += (
+                f" — not the app given ({app.name} {app.fingerprint}): its workers and "
+                "collector need the run's app"
+            )
+        print(line)
     print(f"  jobs    {st.jobs_done:,} done of {m.total_jobs:,}; {st.jobs_dead:,} dead-lettered")
     print(
         f"  rows    {m.rows_read:,} read, {m.rows_dispatched:,} dispatched, "
@@ -247,6 +260,8 @@ def cmd_dlq(args: argparse.Namespace, bars: Bars) -> int:
             print(e.describe())
         print(f"{len(entries)} dead letter(s)")
         return RET_OK
-    replayed, skipped = replay(settings, run_id=args.run_id, keys=args.key)
+    from dispatchkit.app import load_app
+
+    replayed, skipped = replay(settings, run_id=args.run_id, keys=args.key, app=load_app(args.app))
     print(f"replayed {replayed} job(s); {skipped} skipped (done already or not replayable)")
     return RET_OK

@@ -484,6 +484,28 @@ class KafkaBroker(Broker):
         """Nothing to commit on Kafka: the collector's positions are stored with its
         results (:meth:`read_positions`, :meth:`ResultStore.flush`)."""
 
+    def positions(self) -> ReadPositions | None:
+        """The collector's positions (:meth:`read_positions`) once it reads results."""
+        return self.read_positions() if self._consumer is not None else None
+
+    def refresh(self) -> None:
+        self.refresh_partitions()
+
+    def dead_jobs(self, run_id: str, *, check: bool = False) -> dict[str, str]:
+        """``job id → "key: error"`` of the run's jobs in the dead-letter topic."""
+        out: dict[str, str] = {}
+        for msg in scan(self.settings, self.settings.dlq_topic, timeout=15, check=check):
+            headers = headers_of(msg)
+            if headers.get(H_RUN) != run_id:
+                continue
+            try:
+                batch = decode_jobs(msg.value(), validate=False)
+            except DecodeError:
+                continue
+            why = f"{headers.get('dk-error-class', '?')}: {headers.get('dk-error', '')}"
+            out.update({job: f"{key}: {why}" for job, key in batch.key_texts().items()})
+        return out
+
     # -- reading whole topics ----------------------------------------------------------
 
     def read_manifest(self, run_id: str, timeout: float = 10.0) -> Manifest | None:
