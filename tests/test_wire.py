@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from dispatchkit import wire
 from dispatchkit.errors import DecodeError, UsageError
-from dispatchkit.message import SCHEMA_VERSION, Job, JobBatch, JobResult, ResultBatch, encode
+
+from .wire_v1 import V1, Job, JobBatch, JobResult, ResultBatch, encode
 
 UTC_US = pa.timestamp("us", tz="UTC")
 HOUR_US = 3_600_000_000
@@ -372,12 +373,12 @@ def test_unknown_compression_is_refused() -> None:
 
 def v1_job_batch() -> bytes:
     job = Job("j" * 20, "Italy", 1583038800, 0, 1, 3, bytes([0b10100000]))
-    return encode(JobBatch(SCHEMA_VERSION, "r", "b", "positive-rate", [job]))
+    return encode(JobBatch(V1, "r", "b", "positive-rate", [job]))
 
 
 def v1_result_batch() -> bytes:
     result = JobResult("j" * 20, "Italy", 1583038800, 0, 1, 3, 2, 2 / 3, 0.2, 0.9)
-    return encode(ResultBatch(SCHEMA_VERSION, "r", "b", "w", [result]))
+    return encode(ResultBatch(V1, "r", "b", "w", [result]))
 
 
 def test_v1_messages_are_refused_in_one_line() -> None:
@@ -509,8 +510,8 @@ def covid_sizes(jobs: int = 48, rows: int = 15) -> dict[str, int]:
         v1_results.append(
             JobResult(jid, "Italy", hour, 0, 1, bits.size, pos, pos / bits.size, 0.1, 0.9)
         )
-    v1j = len(encode(JobBatch(SCHEMA_VERSION, "run-1", "b" * 22, "positive-rate", v1_jobs)))
-    v1r = len(encode(ResultBatch(SCHEMA_VERSION, "run-1", "b" * 22, "worker-1", v1_results)))
+    v1j = len(encode(JobBatch(V1, "run-1", "b" * 22, "positive-rate", v1_jobs)))
+    v1r = len(encode(ResultBatch(V1, "run-1", "b" * 22, "worker-1", v1_results)))
     out = {"v1 jobs": v1j, "v1 results": v1r}
     for compression in ("lz4", "none"):
         (v2j,) = cut(data, compression=compression)

@@ -117,7 +117,7 @@ def collect_run(
                 waited = now - waiting_since
                 if wait_for_dispatch and waited > wait_for_dispatch:
                     raise NotDispatched(
-                        f"run {run_id!r} was not dispatched: no manifest in {where} after "
+                        f"run {run_id!r} was not dispatched: no manifest on {where} after "
                         f"{wait_for_dispatch:.0f} s (check --run-id and --topic-prefix, or "
                         "wait longer with --wait-for-dispatch; 0 waits for ever)"
                     )
@@ -129,7 +129,7 @@ def collect_run(
                         else "for as long as it takes"
                     )
                     log.warning(
-                        "collector: waiting %s for run %r to be dispatched (its manifest in %s)",
+                        "collector: waiting %s for run %r to be dispatched (its manifest on %s)",
                         bound,
                         run_id,
                         where,
@@ -140,7 +140,7 @@ def collect_run(
         if manifest is None:
             if timeout is not None and now - last_progress > timeout:
                 raise NotDispatched(
-                    f"run {run_id!r} was not dispatched: no manifest in {where} after "
+                    f"run {run_id!r} was not dispatched: no manifest on {where} after "
                     f"{now - waiting_since:.0f} s (--timeout)"
                 )
             # Results can only be stored once the run is started from its manifest:

@@ -1,17 +1,12 @@
-"""The three messages that cross the broker: job batches, result batches, run manifests.
+"""The run manifest: what a run holds, announced by its dispatcher on the manifests topic.
 
-Frozen, typed, versioned msgspec structs, encoded as MessagePack maps with the field
-names below (docs/wire-format.md is the contract; any MessagePack library decodes them).
-Every message carries ``v`` (the schema version) and ``kind`` (its type tag).
+A frozen, typed, versioned msgspec struct, encoded as a MessagePack map with the field
+names below (docs/wire-format.md is the contract; any MessagePack library decodes it). It
+carries ``v`` (its schema version) and ``kind`` (its type tag). Job and result messages
+are :mod:`dispatchkit.wire`'s.
 
-A *job* is one atomic unit of work: the outcomes of every test of one country in one
-hour, packed one bit per test (1 = positive, most significant bit first, zero padding).
-A job too large for one message is cut into ``parts`` parts; each part is computed on
-its own and the store adds the parts up. A *job batch* is the transport unit: jobs of one
-country and one UTC day, so that one job key always travels under one message key.
-
-Decoders cap the size of what they are given before decoding and turn every failure into
-:class:`~dispatchkit.errors.DecodeError`.
+The decoder caps the size of what it is given before decoding and turns every failure
+into :class:`~dispatchkit.errors.DecodeError`.
 """
 
 from __future__ import annotations
@@ -26,57 +21,6 @@ from dispatchkit.errors import DecodeError
 SCHEMA_VERSION: Final = 1
 #: Decoders refuse larger inputs before looking inside them.
 MAX_DECODE_BYTES: Final = 64 * 1024 * 1024
-
-
-class Job(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One atomic job (or one part of a split job)."""
-
-    job_id: str
-    country: str
-    date_hour: int  # UTC hour start, seconds since the epoch
-    part: int  # 0-based
-    parts: int
-    n: int  # tests in this part
-    outcomes: bytes  # n bits, MSB first, 1 = positive
-
-
-class JobBatch(
-    msgspec.Struct, frozen=True, tag="jobs", tag_field="kind", forbid_unknown_fields=True
-):
-    """Jobs sharing one transport key (country and UTC day)."""
-
-    v: int
-    run_id: str
-    batch_id: str
-    task: str
-    jobs: list[Job]
-
-
-class JobResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """What the task computed for one job part."""
-
-    job_id: str
-    country: str
-    date_hour: int
-    part: int
-    parts: int
-    tests: int
-    positives: int
-    positive_rate: float
-    ci_low: float
-    ci_high: float
-
-
-class ResultBatch(
-    msgspec.Struct, frozen=True, tag="results", tag_field="kind", forbid_unknown_fields=True
-):
-    """The results of one job batch, in the batch's order."""
-
-    v: int
-    run_id: str
-    batch_id: str
-    worker: str
-    results: list[JobResult]
 
 
 RunStatus = Literal["dispatching", "dispatched"]
@@ -114,12 +58,12 @@ class Manifest(
         return dict(self.identity) or {"input": self.input_fingerprint, "task": self.task}
 
 
-Message = JobBatch | ResultBatch | Manifest
-M = TypeVar("M", JobBatch, ResultBatch, Manifest)
+Message = Manifest
+M = TypeVar("M", bound=Manifest)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoders: dict[type, msgspec.msgpack.Decoder[object]] = {
-    cls: msgspec.msgpack.Decoder(cls) for cls in (JobBatch, ResultBatch, Manifest)
+    Manifest: msgspec.msgpack.Decoder(Manifest)
 }
 
 
@@ -146,26 +90,4 @@ def decode(data: bytes, cls: type[M], *, max_bytes: int = MAX_DECODE_BYTES) -> M
             f"unsupported {cls.__name__} schema version {message.v} "
             f"(this dispatchkit reads version {SCHEMA_VERSION})"
         )
-    if isinstance(message, JobBatch):
-        for job in message.jobs:
-            check_job(job)
     return message
-
-
-def check_job(job: Job) -> None:
-    """Raise :class:`DecodeError` unless the job's fields agree with each other."""
-    if not job.job_id or not job.country:
-        raise DecodeError("job has an empty job_id or country")
-    if job.n < 1 or job.parts < 1 or not 0 <= job.part < job.parts:
-        raise DecodeError(
-            f"job {job.job_id}: invalid counts n={job.n} part={job.part} parts={job.parts}"
-        )
-    if job.date_hour % 3600:
-        raise DecodeError(f"job {job.job_id}: date_hour {job.date_hour} is not an hour start")
-    if len(job.outcomes) != (job.n + 7) // 8:
-        raise DecodeError(
-            f"job {job.job_id}: {len(job.outcomes)} outcome bytes cannot hold {job.n} tests"
-        )
-    pad = 8 * len(job.outcomes) - job.n
-    if pad and job.outcomes[-1] & ((1 << pad) - 1):
-        raise DecodeError(f"job {job.job_id}: padding bits of the outcomes are not zero")

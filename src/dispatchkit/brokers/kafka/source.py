@@ -163,10 +163,21 @@ class KafkaJobSource(JobSource):
                 }
             )
         )
-        try:
-            self._call(lambda p: p.init_transactions(TXN_TIMEOUT))
-        except _Wedged:
-            raise FatalBrokerError("producer: init_transactions did not return") from None
+        # A broker restarting, a coordinator moving: a timed-out init_transactions is
+        # resumed by calling it again (librdkafka: "retry call to resume").
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                self._call(lambda p: p.init_transactions(TXN_TIMEOUT))
+                return
+            except _Wedged:
+                raise FatalBrokerError("producer: init_transactions did not return") from None
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                if not err.retriable() or time.monotonic() > deadline:
+                    raise
+                log.warning("%s: init_transactions: %s; retrying", self.worker_id, err.str())
+                time.sleep(0.5)
 
     def _call(self, fn: Any) -> Any:
         """Run a transactional call on a helper thread; :class:`_Wedged` if it never returns."""
