@@ -331,6 +331,9 @@ def test_sensors_trend_exact(sensors_file: Path, tmp_path: Path, budget: int | N
     extra = () if budget is None else ("--max-message-bytes", str(budget))
     stdout = ok(dk_run(sensors_file, SENSORS, "trend", tmp_path / "out", *extra))
     assert (split_count(stdout) >= 1) == (budget is not None), stdout
+    # An app without a chart says so, and writes none.
+    assert "no report.png: app 'sensors' declares no chart" in stdout, stdout
+    assert not (tmp_path / "out" / "report.png").exists()
     n_valid, want = sensors_reference(sensors_file)
     assert valid_rows(stdout) == n_valid
     got = results(tmp_path / "out", ("sensor", "hour"))

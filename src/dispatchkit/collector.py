@@ -323,6 +323,11 @@ def export(
         with atomic_path(path) as tmp:
             app.chart_fn(results.to_arrow(), tmp)
         summary.files["report.png"] = path
+    elif report and app.chart_fn is None:
+        summary.notes.append(
+            f"no report.png: app {app.name!r} declares no chart (@app.chart); "
+            "results.parquet and results.csv hold its results"
+        )
     summary.seconds["export"] = time.perf_counter() - t0
 
 

@@ -27,3 +27,5 @@ class RunSummary:
     worker_restarts: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
+    #: Things the user should know that are not counts (an app without a chart, …).
+    notes: list[str] = field(default_factory=list)

@@ -256,6 +256,7 @@ def print_summary(args: argparse.Namespace, summary: object) -> None:
         lines.append(f"  workers  {s.worker_restarts} restarted after a crash")
     for name, path in s.files.items():
         lines.append(f"  {name:<18} {path}")
+    lines.extend(f"  note     {note}" for note in s.notes)
     if s.failed_jobs:
         lines.append(f"  FAILED   {len(s.failed_jobs)} job(s) dead-lettered:")
         lines.extend(f"    {f}" for f in s.failed_jobs[:20])
