@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from confluent_kafka import Producer
 
 from dispatchkit.brokers.kafka.broker import ensure_topics
 from dispatchkit.dlq import list_dead, replay
-from dispatchkit.kafka_run import collect, dispatch
+from dispatchkit.kafka_run import collect, dispatch, status
 from dispatchkit.runner import RunSpec
 
 from .conftest import assert_exact, reference
@@ -205,11 +206,35 @@ def test_status_shows_progress(small_parquet: Path, tmp_path: Path) -> None:
     assert before.returncode == 0, before.stderr
     total = reference(small_parquet).height
     assert f"0 done of {total:,}" in before.stdout
-    w = [start(["worker", *kargs, "--worker-id", "s0", "--burst", "-q"])]
-    deadline = time.monotonic() + 120
-    while w[0].poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert stop(w) == [0]
+    assert "workers none in the group" in before.stdout
+    # Jobs pending and no result for longer than --stall-seconds: stalled, and where.
+    cmd = ["status", *kargs, "--run-id", "st", "--stall-seconds", "0"]
+    stalled = subprocess.run(
+        [sys.executable, "-m", "dispatchkit", *cmd],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert stalled.stdout.startswith("run st: stalled"), stalled.stdout
+    assert "STALLED partition" in stalled.stdout and "no result yet" in stalled.stdout
+    # A live member of the group is listed with its partitions.
+    w = [start(["worker", *kargs, "--worker-id", "s0", "-q"])]
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            st = status(settings, "st")
+            if st.state == "complete" and st.members:
+                break
+            assert time.monotonic() < deadline, st
+            time.sleep(1)
+    finally:
+        assert stop(w) == [0]
+    assert st.jobs_done == st.jobs_total == total and st.jobs_dead == 0
+    assert [m.client_id for m in st.members] == ["s0"]
+    assert sorted(st.members[0].partitions) == sorted(st.lag)
+    assert not st.stalled and sum(st.lag.values()) == 0
+    # Throughput is over a window ending now: it is 0 once nothing moves.
+    assert status(settings, "st", now=time.time() + 60).jobs_per_second == 0
     after = subprocess.run(
         [sys.executable, "-m", "dispatchkit", "status", *kargs, "--run-id", "st"],
         capture_output=True,
@@ -217,6 +242,15 @@ def test_status_shows_progress(small_parquet: Path, tmp_path: Path) -> None:
         timeout=60,
     )
     assert f"{total:,} done of {total:,}" in after.stdout, after.stdout
+    assert after.stdout.startswith("run st: complete"), after.stdout
+    as_json = subprocess.run(
+        [sys.executable, "-m", "dispatchkit", "status", *kargs, "--run-id", "st", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    got = json.loads(as_json.stdout)
+    assert got["state"] == "complete" and got["jobs_done"] == total, got
     assert "lag" in after.stdout and "[0] 0" in after.stdout
     assert "app     covid " in after.stdout and "not the app given" not in after.stdout
     other = subprocess.run(

@@ -106,12 +106,31 @@ def register(add: Add, kafka_flags: Flags) -> None:
 
     s = add(
         "status",
-        "show a run's progress: jobs total/done, dead letters, lag per partition, throughput",
-        "examples:\n  dispatchkit status -b 127.0.0.1:9092 --run-id r1",
+        "show a run's state: jobs done of total, ETA, throughput, dead letters, the "
+        "workers' group with lag per partition, stalled partitions",
+        "examples:\n  dispatchkit status -b 127.0.0.1:9092 --run-id r1\n"
+        "  dispatchkit status -b 127.0.0.1:9092 --run-id r1 --watch   # refresh every 2 s\n"
+        "  dispatchkit status -b 127.0.0.1:9092 --run-id r1 --json",
         cmd_status,
     )
     add_app_flag(s)
     s.add_argument("--run-id", required=True, help="the run to show")
+    s.add_argument(
+        "--watch",
+        nargs="?",
+        type=_non_negative_float,
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh in place every SECONDS (default 2) until the run ends or Ctrl-C",
+    )
+    s.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    s.add_argument(
+        "--stall-seconds",
+        type=_non_negative_float,
+        default=30.0,
+        help="a partition with pending jobs and no result for this long is stalled (default 30)",
+    )
     kafka_flags(s, required=True)
 
     q = add(
@@ -221,17 +240,50 @@ def cmd_collect(args: argparse.Namespace, bars: Bars) -> int:
 
 
 def cmd_status(args: argparse.Namespace, bars: Bars) -> int:
+    import json
+    import time
+
     from dispatchkit.app import load_app
     from dispatchkit.kafka_run import status
 
     settings = kafka_settings_from_args(args)
     app = load_app(args.app)
-    st = status(settings, args.run_id)
+
+    def look() -> tuple[str, list[str]]:
+        st = status(settings, args.run_id, stall_seconds=args.stall_seconds)
+        if st.manifest is None:
+            raise UsageError(f"run {args.run_id!r} has no manifest on {settings.manifests_topic}")
+        if args.json:
+            return st.state, [json.dumps(st.to_json(), default=str)]
+        return st.state, status_lines(st, app)
+
+    if args.watch is None:
+        print("\n".join(look()[1]))
+        return RET_OK
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    with Live(Text(""), console=Console(), auto_refresh=False) as live:
+        while True:
+            state, lines = look()
+            live.update(Text("\n".join(lines)), refresh=True)
+            if state in ("complete", "incomplete"):
+                return RET_OK
+            time.sleep(args.watch)
+
+
+def status_lines(st: object, app: object) -> list[str]:
+    """``dispatchkit status`` as text lines."""
+    from dispatchkit.app import App
+    from dispatchkit.brokers.kafka.status import RunStatus
+
+    assert isinstance(st, RunStatus) and isinstance(app, App)
     m = st.manifest
-    if m is None:
-        raise UsageError(f"run {args.run_id!r} has no manifest on {settings.manifests_topic}")
-    print(f"run {st.run_id}: {m.status}, task {m.task}")
+    assert m is not None
+    lines = [f"run {st.run_id}: {st.state}"]
     made = m.run_identity()
+    lines.append(f"  task    {m.task}")
     if "app" in made:
         line = f"  app     {made['app']} {made.get('fingerprint', '')}"
         if (made["app"], made.get("fingerprint")) != (app.name, app.fingerprint):
@@ -239,15 +291,53 @@ def cmd_status(args: argparse.Namespace, bars: Bars) -> int:
                 f" — not the app given ({app.name} {app.fingerprint}): its workers and "
                 "collector need the run's app"
             )
-        print(line)
-    print(f"  jobs    {st.jobs_done:,} done of {m.total_jobs:,}; {st.jobs_dead:,} dead-lettered")
-    print(
+        lines.append(line)
+    eta = "" if st.eta_seconds is None else f", ETA {_duration(st.eta_seconds)}"
+    lines.append(
+        f"  jobs    {st.jobs_done:,} done of {st.jobs_total:,}; {st.jobs_dead:,} dead-lettered{eta}"
+    )
+    lines.append(
         f"  rows    {m.rows_read:,} read, {m.rows_dispatched:,} dispatched, "
         f"{m.rows_quarantined:,} quarantined"
     )
-    print(f"  rate    {st.jobs_per_second:,.0f} jobs/s (last 10 s of results)")
-    print("  lag     " + ", ".join(f"[{p}] {n:,}" for p, n in sorted(st.lag.items())))
-    return RET_OK
+    lines.append(f"  rate    {st.jobs_per_second:,.1f} jobs/s (last {st.window:.0f} s)")
+    lines.append("  lag     " + ", ".join(f"[{p}] {n:,}" for p, n in sorted(st.lag.items())))
+    if st.members:
+        lines.append(f"  workers {len(st.members)} in the group:")
+        lines.extend(
+            f"    {w.client_id} on {w.host}: partitions "
+            + (", ".join(map(str, w.partitions)) or "none")
+            for w in st.members
+        )
+    else:
+        lines.append("  workers none in the group")
+    for p in st.stalled:
+        last = (
+            "no result yet"
+            if p.last_result_at is None
+            else f"last result {_duration(time_since(p.last_result_at))} ago by {p.last_owner}"
+        )
+        owner = p.owner or "no member"
+        lines.append(
+            f"  STALLED partition {p.partition}: {p.lag:,} jobs pending, {last}; "
+            f"assigned to {owner}"
+        )
+    return lines
+
+
+def time_since(at: float) -> float:
+    import time
+
+    return max(0.0, time.time() - at)
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 def cmd_dlq(args: argparse.Namespace, bars: Bars) -> int:

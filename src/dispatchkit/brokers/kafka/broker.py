@@ -491,10 +491,14 @@ class KafkaBroker(Broker):
     def refresh(self) -> None:
         self.refresh_partitions()
 
-    def dead_jobs(self, run_id: str, *, check: bool = False) -> dict[str, str]:
-        """``job id → "key: error"`` of the run's jobs in the dead-letter topic."""
+    def dead_jobs(
+        self, run_id: str, *, check: bool = False, since_ms: int | None = None
+    ) -> dict[str, str]:
+        """``job id → "key: error"`` of the run's jobs in the dead-letter topic (of its
+        records from ``since_ms`` on, when given)."""
         out: dict[str, str] = {}
-        for msg in scan(self.settings, self.settings.dlq_topic, timeout=15, check=check):
+        topic = self.settings.dlq_topic
+        for msg in scan(self.settings, topic, timeout=15, check=check, since_ms=since_ms):
             headers = headers_of(msg)
             if headers.get(H_RUN) != run_id:
                 continue
@@ -560,20 +564,28 @@ def scan(
     timeout: float = 30.0,
     committed_only: bool = True,
     check: bool = True,
+    since_ms: int | None = None,
 ) -> Iterable[Any]:
     """Every record of a topic, from the beginning to the current end, without a group.
 
-    ``check`` first makes sure the cluster answers (a clear error for bad credentials);
-    callers that scan repeatedly check once.
+    ``since_ms`` (epoch milliseconds) starts each partition at its first record of that
+    time or later instead, so a scan for one run skips the runs before it. ``check``
+    first makes sure the cluster answers (a clear error for bad credentials); callers
+    that scan repeatedly check once.
     """
     try:
-        yield from _scan(settings, topic, timeout, committed_only, check)
+        yield from _scan(settings, topic, timeout, committed_only, check, since_ms)
     except KafkaException as exc:
         raise wrap_kafka_error(exc, f"cannot read {topic}", settings.redact) from None
 
 
 def _scan(
-    settings: KafkaSettings, topic: str, timeout: float, committed_only: bool, check: bool
+    settings: KafkaSettings,
+    topic: str,
+    timeout: float,
+    committed_only: bool,
+    check: bool,
+    since_ms: int | None = None,
 ) -> Iterable[Any]:
     if check:
         connect(settings)
@@ -598,6 +610,17 @@ def _scan(
             if high > low:
                 ends[p] = high
                 assignment.append(TopicPartition(topic, p, OFFSET_BEGINNING))
+        if since_ms is not None and assignment:
+            found = consumer.offsets_for_times(
+                [TopicPartition(topic, tp.partition, since_ms) for tp in assignment], timeout
+            )
+            assignment = []
+            for tp in found:
+                # -1: no record that new in the partition; nothing to read there.
+                if tp.offset < 0 or tp.offset >= ends[tp.partition]:
+                    ends.pop(tp.partition, None)
+                else:
+                    assignment.append(TopicPartition(topic, tp.partition, tp.offset))
         if not assignment:
             return
         consumer.assign(assignment)
