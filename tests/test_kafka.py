@@ -228,15 +228,15 @@ def test_burst_worker_exits_on_an_empty_and_on_a_drained_topic(
 
     empty = burst("empty")
     assert empty.returncode == 0, empty.stderr
-    assert "0 jobs" in empty.stdout
+    assert "0 jobs done" in empty.stdout
 
     spec = RunSpec(input=str(small_parquet), out=tmp_path / "out", run_id="burst")
     sent = dispatch(spec, settings)
     first = burst("first")
     assert first.returncode == 0, first.stderr
-    assert f"{sent.jobs:,} jobs" in first.stdout
+    assert f"{sent.jobs:,} jobs done" in first.stdout
     assert collect(settings, "burst", tmp_path / "out", timeout=60).status == "complete"
 
     drained = burst("drained")
     assert drained.returncode == 0, drained.stderr
-    assert "0 batches, 0 jobs" in drained.stdout
+    assert "0 messages, 0 jobs done" in drained.stdout

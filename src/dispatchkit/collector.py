@@ -206,9 +206,9 @@ def collect(
         summary.rows_valid = manifest.rows_dispatched
         summary.rows_quarantined = manifest.rows_quarantined
         summary.duplicates_ignored = store.duplicates
-        finish(store, run_id, the_app, out, report=report, summary=summary)
         done_ids = store.done_jobs(run_id)
         summary.failed_jobs = sorted(why for job, why in dead.items() if job not in done_ids)
+        finish(store, run_id, the_app, out, report=report, summary=summary)
         if summary.status != "timed out":
             summary.status = (
                 "complete" if summary.jobs_done == manifest.total_jobs else "incomplete"

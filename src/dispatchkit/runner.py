@@ -27,6 +27,13 @@ from dispatchkit.dispatcher import DEFAULT_MAX_MESSAGE_BYTES, Dispatcher, too_bi
 from dispatchkit.errors import DecodeError, InputError, RunError, UsageError
 from dispatchkit.identity import run_identity
 from dispatchkit.keys import key_text
+from dispatchkit.outcome import (
+    DEFAULT_MAX_BAD_ROWS,
+    BadRowBudget,
+    check_rows,
+    mark_chart,
+    missing_lines,
+)
 from dispatchkit.outdir import holds_out_dir
 from dispatchkit.reader import InputReader, RowCounts, fingerprint, resolve_inputs
 from dispatchkit.store import ResultStore, RunRecord, write_results
@@ -54,6 +61,10 @@ class RunSpec:
     start: datetime | None = None
     end: datetime | None = None
     strict: bool = False
+    #: ``--max-bad-rows``: more bad rows than this fail the run before any job is sent.
+    max_bad_rows: BadRowBudget = field(
+        default_factory=lambda: BadRowBudget.parse(DEFAULT_MAX_BAD_ROWS)
+    )
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     memory_limit: str = "384MB"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -187,6 +198,7 @@ def prepare(spec: RunSpec, check: Check | None = None, app: App | None = None) -
             check(run_id, identity, app, task)
         _refuse_too_big(spec, app, task, run_id, counts)
         reader.write_quarantine(spec.out, any_bad=counts.rows_bad > 0)
+        check_rows(run_id, counts, spec.max_bad_rows, spec.out / "quarantine.csv")
         total_jobs = counts.jobs
     except BaseException:
         reader.close()
@@ -254,6 +266,8 @@ def finish(
         path = out / "report.png"
         with atomic_path(path) as tmp:
             app.chart_fn(results.to_arrow(), tmp)
+            if summary.jobs_done < summary.jobs:  # never passes for the whole picture
+                mark_chart(tmp, missing_lines(summary.jobs, summary.jobs_done, summary.failed_jobs))
         summary.files["report.png"] = path
     summary.seconds["export"] = time.perf_counter() - t0
 
