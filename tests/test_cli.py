@@ -149,3 +149,35 @@ def test_run_id_reused_for_other_input(
 def test_version(argv: list[str]) -> None:
     proc = run_cli(*argv)
     assert proc.returncode == 0 and "dispatchkit 0." in proc.stdout
+
+
+def test_run_of_several_csv_files_by_glob_and_by_directory(tmp_path: Path) -> None:
+    """Two or more CSV files (the `run --help` example) run, with row numbers per file."""
+    d = tmp_path / "data"
+    d.mkdir()
+    head = "country,test_datetime,result\n"
+    (d / "a.csv").write_text(
+        head + "".join(f"Italy,2020-03-01T05:{i:02d}:00Z,positive\n" for i in range(40))
+    )
+    (d / "b.csv").write_text(
+        head
+        + "".join(f"Spain,2020-03-02T07:{i:02d}:00Z,negative\n" for i in range(30))
+        + "Spain,2020-03-02T07:00:00Z,maybe\n"  # row 31 of b.csv
+    )
+    (d / "c.csv").write_text(
+        head + "Chile,yesterday,positive\n" + "Chile,2020-03-03T01:00:00Z,positive\n"
+    )
+    for source in (f"{d}/*.csv", str(d)):
+        out = tmp_path / ("glob" if "*" in source else "dir")
+        proc = run_cli("run", source, "--out", str(out), "--workers", "2")
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert "73 read, 71 valid, 2 quarantined" in proc.stdout
+        results = pl.read_parquet(out / "results.parquet").sort("country")
+        assert results.select("country", "tests").rows() == [
+            ("Chile", 1),
+            ("Italy", 40),
+            ("Spain", 30),
+        ]
+        q = pl.read_csv(out / "quarantine.csv")
+        assert q.select("file", "row").rows() == [(str(d / "b.csv"), 31), (str(d / "c.csv"), 1)]

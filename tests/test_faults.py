@@ -181,8 +181,8 @@ def end_offsets(settings: KafkaSettings, topic: str) -> int:
 
 
 def worker_done_batches(log: str) -> list[int]:
-    """Batches each run of a worker reported on exit (``worker done: N batches``)."""
-    return [int(n.replace(",", "")) for n in re.findall(r"worker done: ([\d,]+) batches", log)]
+    """Messages each run of a worker reported on exit (``worker done: N messages``)."""
+    return [int(n.replace(",", "")) for n in re.findall(r"worker done: ([\d,]+) messages", log)]
 
 
 # -- workers crash ----------------------------------------------------------------------

@@ -207,3 +207,36 @@ def test_skewed_key_is_split_and_exact_on_kafka(tmp_path: Path) -> None:
     assert_exact(results, reference(path))
     assert results["tests"].max() >= 100_000
     assert all(len(m.value()) <= 4096 for m in read_all(settings, settings.jobs_topic))  # type: ignore[attr-defined]
+
+
+def test_burst_worker_exits_on_an_empty_and_on_a_drained_topic(
+    small_parquet: Path, tmp_path: Path
+) -> None:
+    """``worker --burst`` ends once nothing is left: on a fresh topic, and on one whose
+    jobs another member already did (its partitions were never fetched from by this one,
+    so only the group's committed offsets say that they are done)."""
+    settings = new_settings(partitions=3)
+    kargs = kafka_args(settings)
+
+    def burst(worker_id: str) -> subprocess.CompletedProcess[str]:
+        # The timeout only keeps a hanging worker from hanging the suite.
+        return subprocess.run(
+            [sys.executable, "-m", "dispatchkit", "worker", *kargs, "--burst",
+             "--worker-id", worker_id],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    empty = burst("empty")
+    assert empty.returncode == 0, empty.stderr
+    assert "0 jobs done" in empty.stdout
+
+    spec = RunSpec(input=str(small_parquet), out=tmp_path / "out", run_id="burst")
+    sent = dispatch(spec, settings)
+    first = burst("first")
+    assert first.returncode == 0, first.stderr
+    assert f"{sent.jobs:,} jobs done" in first.stdout
+    assert collect(settings, "burst", tmp_path / "out", timeout=60).status == "complete"
+
+    drained = burst("drained")
+    assert drained.returncode == 0, drained.stderr
+    assert "0 messages, 0 jobs done" in drained.stdout

@@ -467,3 +467,19 @@ def test_kafka_run_stopped_by_a_signal_leaves_no_child_and_rerun_is_exact(
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     assert_exact(pl.read_parquet(out / "results.parquet"), reference(medium_parquet))
+
+
+def test_every_output_file_gets_the_same_mode_from_the_umask(
+    small_parquet: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["sh", "-c", 'umask 027 && exec "$0" -m dispatchkit "$@"', sys.executable,
+         "run", str(small_parquet), "--out", str(out), "-q", "--workers", "1"],
+        capture_output=True, text=True, env=env(), timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    names = ["results.parquet", "results.csv", "report.png", "quarantine.parquet",
+             "quarantine.csv", "dispatchkit.duckdb"]  # fmt: skip
+    modes = {n: oct(stat.S_IMODE((out / n).stat().st_mode)) for n in names}
+    assert set(modes.values()) == {oct(0o640)}, modes

@@ -186,9 +186,20 @@ def check_case(case: Case, extra: list[str], where: Path) -> None:
         "--workers", str(case.workers),
         "--start", _iso(case.start_ns), "--end", _iso(case.end_ns),
         *(["--max-message-bytes", str(case.budget)] if case.budget else []),
+        # Exactness is searched here, whatever the share of bad rows (tests/test_outcome.py
+        # checks the budget).
+        "--max-bad-rows", "1.0",
         *extra,
     ]  # fmt: skip
     want, bad = expected(case)
+    if want.is_empty():
+        # No valid row: refused once the quarantine is written, in one line naming it.
+        refused = cli(args)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 1, refused.stderr
+        assert "no valid row" in lines[-1] and "quarantine.csv" in lines[-1], refused.stderr
+        assert pl.read_csv(out / "quarantine.csv", infer_schema=False).height == bad
+        return
 
     faults = f"crash-once:{case.crash},flush-at:1" if case.crash else ""
     first = cli(args, faults, where)

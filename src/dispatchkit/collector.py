@@ -29,6 +29,7 @@ from dispatchkit.brokers.base import Broker
 from dispatchkit.errors import BrokerError, FatalBrokerError, RunError
 from dispatchkit.identity import check_identity
 from dispatchkit.message import Manifest
+from dispatchkit.outcome import mark_chart, missing_lines
 from dispatchkit.progress import NoProgress, Progress
 from dispatchkit.store import ResultStore, write_results
 from dispatchkit.summary import RunSummary
@@ -285,10 +286,10 @@ def conclude(
     run_id = manifest.run_id
     summary.jobs = manifest.total_jobs
     summary.duplicates_ignored = store.duplicates
-    export(store, run_id, app, out, report=report, summary=summary)
-    if collected.dead:
+    if collected.dead:  # before the export: an incomplete run's chart names them
         done = store.done_jobs(run_id)
         summary.failed_jobs = sorted(why for job, why in collected.dead.items() if job not in done)
+    export(store, run_id, app, out, report=report, summary=summary)
     if summary.failed_jobs:
         summary.files["dead_letters.csv"] = write_dead_letters(summary.failed_jobs, out)
     if collected.status == "timed out":
@@ -322,6 +323,8 @@ def export(
         path = out / "report.png"
         with atomic_path(path) as tmp:
             app.chart_fn(results.to_arrow(), tmp)
+            if summary.jobs_done < summary.jobs:  # never passes for the whole picture
+                mark_chart(tmp, missing_lines(summary.jobs, summary.jobs_done, summary.failed_jobs))
         summary.files["report.png"] = path
     elif report and app.chart_fn is None:
         summary.notes.append(

@@ -8,7 +8,9 @@
     ├── InputError                    missing/empty/corrupt input, wrong schema  (2)
     │   └── BadRowError               --strict: the first invalid row            (2)
     ├── RunError                      a run id reused with another input, …      (1)
-    │   └── StoreError                the store file is corrupt or unreadable     (1)
+    │   ├── StoreError                the store file is corrupt or unreadable     (1)
+    │   └── InputRejectedError        no valid row, or more bad rows than
+    │                                 --max-bad-rows allows (quarantine written)  (1)
     ├── OutputError                   a file under --out cannot be written (disk
     │                                 full, quota, I/O error, read-only)          (1)
     ├── DecodeError                   bytes that are not a valid message         (1)
@@ -69,6 +71,11 @@ class RunError(DispatchkitError):
 
 class StoreError(RunError):
     """The results store cannot be opened: not a DuckDB file, truncated, a directory."""
+
+
+class InputRejectedError(RunError):
+    """The input was read and its bad rows quarantined, but it is not worth running:
+    no row is valid, or more are bad than ``--max-bad-rows`` allows."""
 
 
 class OutputError(DispatchkitError):

@@ -28,6 +28,7 @@ from dispatchkit.errors import InputError, RunError, UsageError
 from dispatchkit.identity import run_identity
 from dispatchkit.keys import key_text
 from dispatchkit.message import SCHEMA_VERSION, Manifest
+from dispatchkit.outcome import DEFAULT_MAX_BAD_ROWS, BadRowBudget, check_rows
 from dispatchkit.outdir import holds_out_dir
 from dispatchkit.progress import NoProgress, Progress
 from dispatchkit.reader import InputReader, RowCounts, fingerprint, resolve_inputs
@@ -59,6 +60,10 @@ class RunSpec:
     start: datetime | None = None
     end: datetime | None = None
     strict: bool = False
+    #: ``--max-bad-rows``: more bad rows than this fail the run before any job is sent.
+    max_bad_rows: BadRowBudget = field(
+        default_factory=lambda: BadRowBudget.parse(DEFAULT_MAX_BAD_ROWS)
+    )
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     memory_limit: str = "384MB"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -169,6 +174,7 @@ def prepare(spec: RunSpec, check: Check | None = None, app: App | None = None) -
             check(run_id, identity, app, task)
         _refuse_too_big(spec, app, task, run_id, counts)
         reader.write_quarantine(spec.out, any_bad=counts.rows_bad > 0)
+        check_rows(run_id, counts, spec.max_bad_rows, spec.out / "quarantine.csv")
         total_jobs = counts.jobs
     except BaseException:
         reader.close()

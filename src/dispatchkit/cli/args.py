@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from dispatchkit.brokers.kafka.settings import KafkaSettings, load_settings
+
+if TYPE_CHECKING:
+    from dispatchkit.outcome import BadRowBudget
 
 
 def iso_date(text: str) -> datetime:
@@ -24,6 +28,30 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return value
+
+
+def add_bad_rows_flag(p: argparse.ArgumentParser) -> None:
+    """``--max-bad-rows``: the bad-row budget of a run (:mod:`dispatchkit.outcome`)."""
+    from dispatchkit.outcome import DEFAULT_MAX_BAD_ROWS
+
+    p.add_argument(
+        "--max-bad-rows",
+        type=bad_row_budget,
+        default=DEFAULT_MAX_BAD_ROWS,
+        metavar="N|FRACTION",
+        help="fail the run, after writing the quarantine, when more rows are bad than this: "
+        "a number of rows (0: none) or a fraction of the rows read (0.1 or 10%%; 1.0: any)",
+    )
+
+
+def bad_row_budget(text: str) -> BadRowBudget:
+    from dispatchkit.errors import UsageError
+    from dispatchkit.outcome import BadRowBudget
+
+    try:
+        return BadRowBudget.parse(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--max-bad-rows ")) from None
 
 
 def add_kafka_flags(p: argparse.ArgumentParser, *, required: bool) -> None:

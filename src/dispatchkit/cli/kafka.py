@@ -6,7 +6,13 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from dispatchkit.cli.args import add_app_flag, iso_date, kafka_settings_from_args, positive_int
+from dispatchkit.cli.args import (
+    add_app_flag,
+    add_bad_rows_flag,
+    iso_date,
+    kafka_settings_from_args,
+    positive_int,
+)
 from dispatchkit.cli.progress import Bars
 from dispatchkit.errors import RET_OK, UsageError
 
@@ -34,6 +40,7 @@ def register(add: Add, kafka_flags: Flags) -> None:
     d.add_argument("--start", type=iso_date, default=None, help="first valid test time (UTC)")
     d.add_argument("--end", type=iso_date, default=None, help="end of valid test times (UTC)")
     d.add_argument("--strict", action="store_true", help="fail on the first invalid row")
+    add_bad_rows_flag(d)
     d.add_argument(
         "--max-message-bytes",
         type=positive_int,
@@ -177,6 +184,7 @@ def cmd_dispatch(args: argparse.Namespace, bars: Bars) -> int:
         start=args.start,
         end=args.end,
         strict=args.strict,
+        max_bad_rows=args.max_bad_rows,
         max_message_bytes=args.max_message_bytes,
         app=args.app,
     )
@@ -186,7 +194,8 @@ def cmd_dispatch(args: argparse.Namespace, bars: Bars) -> int:
         print(
             f"run {summary.run_id}: dispatched {summary.jobs:,} jobs "
             f"({summary.jobs_sent:,} published now, {summary.jobs_skipped:,} already there) "
-            f"from {summary.rows_valid:,} valid rows; {summary.rows_quarantined:,} quarantined"
+            f"from {summary.rows_valid:,} valid rows; {summary.rows_quarantined:,} rows "
+            "quarantined"
         )
     return RET_OK
 
@@ -211,8 +220,9 @@ def cmd_worker(args: argparse.Namespace, bars: Bars) -> int:
     )
     if not args.quiet:
         print(
-            f"worker done: {stats.batches:,} batches, {stats.jobs:,} jobs, "
-            f"{stats.rejected + stats.dead_jobs:,} dead-lettered"
+            # One dead letter is one message: the batch's failed jobs, or an undecodable one.
+            f"worker done: {stats.batches:,} messages, {stats.jobs:,} jobs done; "
+            f"{stats.rejected + stats.dead_jobs:,} messages dead-lettered"
         )
     return RET_OK
 
@@ -348,10 +358,11 @@ def cmd_dlq(args: argparse.Namespace, bars: Bars) -> int:
         entries = list_dead(settings, run_id=args.run_id, keys=args.key)
         for e in entries:
             print(e.describe())
-        print(f"{len(entries)} dead letter(s)")
+        jobs = sum(len(e.jobs) for e in entries)
+        print(f"{len(entries):,} dead-letter messages holding {jobs:,} jobs")
         return RET_OK
     from dispatchkit.app import load_app
 
     replayed, skipped = replay(settings, run_id=args.run_id, keys=args.key, app=load_app(args.app))
-    print(f"replayed {replayed} job(s); {skipped} skipped (done already or not replayable)")
+    print(f"replayed {replayed:,} jobs; {skipped:,} skipped (done already or not replayable)")
     return RET_OK

@@ -9,7 +9,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dispatchkit.cli.args import add_app_flag, iso_date, kafka_settings_from_args, positive_int
+from dispatchkit.cli.args import (
+    add_app_flag,
+    add_bad_rows_flag,
+    iso_date,
+    kafka_settings_from_args,
+    positive_int,
+)
 from dispatchkit.cli.progress import Bars
 from dispatchkit.errors import RET_OK, UsageError
 
@@ -80,6 +86,7 @@ def register(add: Add, kafka_flags: Flags) -> None:
         help="end of the valid times, exclusive, UTC (COVID app: 2021-01-01)",
     )
     r.add_argument("--strict", action="store_true", help="fail on the first invalid row")
+    add_bad_rows_flag(r)
     r.add_argument(
         "--attempts",
         type=positive_int,
@@ -215,6 +222,7 @@ def cmd_run(args: argparse.Namespace, bars: Bars) -> int:
         start=args.start,
         end=args.end,
         strict=args.strict,
+        max_bad_rows=args.max_bad_rows,
         max_message_bytes=args.max_message_bytes,
         retry=RetryPolicy(attempts=args.attempts),
         report=not args.no_report,
@@ -235,18 +243,26 @@ def print_summary(args: argparse.Namespace, summary: object) -> None:
     from dispatchkit.runner import RunSummary
 
     assert isinstance(summary, RunSummary)
+    from dispatchkit.outcome import missing_lines
+
     s = summary
+    incomplete = s.status != "complete"
     lines = [
-        f"run {s.run_id}: {s.status}",
+        f"run {s.run_id}: {s.status.upper() if incomplete else s.status}",
         f"  rows     {s.rows_read:,} read, {s.rows_valid:,} valid, "
         f"{s.rows_quarantined:,} quarantined",
         f"  jobs     {s.jobs:,} total, {s.jobs_done:,} done"
         + (
             f" ({s.jobs_sent:,} sent now, {s.jobs_skipped:,} already stored"
-            + (f", {s.split_jobs:,} split" if s.split_jobs else "")
+            + (f", {s.split_jobs:,} split into parts" if s.split_jobs else "")
             + ")"
             if s.jobs_sent or s.jobs_skipped
             else ""
+        ),
+        *(
+            f"  {line}"
+            for line in missing_lines(s.jobs, s.jobs_done, s.failed_jobs)
+            if incomplete and s.jobs_done < s.jobs
         ),
         "  time     " + ", ".join(f"{k} {v:.2f} s" for k, v in s.seconds.items()),
     ]
@@ -258,10 +274,10 @@ def print_summary(args: argparse.Namespace, summary: object) -> None:
         lines.append(f"  {name:<18} {path}")
     lines.extend(f"  note     {note}" for note in s.notes)
     if s.failed_jobs:
-        lines.append(f"  FAILED   {len(s.failed_jobs)} job(s) dead-lettered:")
+        lines.append(f"  FAILED   {len(s.failed_jobs):,} jobs dead-lettered:")
         lines.extend(f"    {f}" for f in s.failed_jobs[:20])
         if len(s.failed_jobs) > 20:
-            lines.append(f"    … and {len(s.failed_jobs) - 20} more")
+            lines.append(f"    … and {len(s.failed_jobs) - 20:,} more jobs")
     print("\n".join(lines))
 
 

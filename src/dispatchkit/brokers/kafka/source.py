@@ -382,15 +382,25 @@ class KafkaJobSource(JobSource):
         assignment = consumer.assignment()
         if not assignment:
             return False
-        for tp in consumer.position(assignment):
+        positions = consumer.position(assignment)
+        # A partition this member has consumed nothing from has no position yet (it is
+        # set by the first message handed over): on a drained topic that stays so for
+        # ever, so the group's committed offset says where it stands instead.
+        unknown = [tp for tp in positions if tp.offset < 0]
+        committed = (
+            {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(unknown, timeout=10)}
+            if unknown
+            else {}
+        )
+        for tp in positions:
             # Fetch responses keep the cached high watermark fresh; ask the broker only
             # for partitions never fetched from (a round trip each).
             low, high = consumer.get_watermark_offsets(tp, cached=True)
             if high < 0:
                 low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
-            if tp.offset < 0 and high > low:
-                return False
-            if 0 <= tp.offset < high:
+            at = tp.offset if tp.offset >= 0 else committed.get((tp.topic, tp.partition), -1)
+            # No committed offset: auto.offset.reset=earliest starts at the low watermark.
+            if max(at, low) < high:
                 return False
         return True
 
