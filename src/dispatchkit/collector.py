@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dispatchkit import faults
+from dispatchkit import faults, logs
 from dispatchkit.app import App
 from dispatchkit.brokers.base import Broker
 from dispatchkit.errors import BrokerError, FatalBrokerError, RunError
@@ -87,7 +87,43 @@ def collect_run(
     :class:`NotDispatched`. Given an ``identity`` (the run this process means to make), a
     run dispatched with another one is refused; so is a run made by another app.
     """
-    bars = progress or NoProgress()
+    with logs.context(run=run_id):
+        return _collect(
+            broker,
+            store,
+            run_id,
+            app=app,
+            feed=feed,
+            progress=progress or NoProgress(),
+            on_tick=on_tick,
+            on_progress=on_progress,
+            timeout=timeout,
+            dead_grace=dead_grace,
+            wait_for_dispatch=wait_for_dispatch,
+            identity=identity,
+            inputs=inputs,
+            where=where,
+        )
+
+
+def _collect(
+    broker: Broker,
+    store: ResultStore,
+    run_id: str,
+    *,
+    app: App,
+    feed: Iterator[Outgoing] | None,
+    progress: Progress,
+    on_tick: Callable[[], None] | None,
+    on_progress: Callable[[int, int], None] | None,
+    timeout: float | None,
+    dead_grace: float,
+    wait_for_dispatch: float | None,
+    identity: Mapping[str, str] | None,
+    inputs: str,
+    where: str,
+) -> Collected:
+    bars = progress
     manifest: Manifest | None = None
     dead: dict[str, str] = {}
     done = 0  # counted once the run is started in the store (its manifest read)
@@ -112,6 +148,14 @@ def collect_run(
                 done = store.jobs_done(run_id)
                 bars.update("jobs", completed=done)
             if seen is not None:
+                if manifest is None or seen.status != manifest.status:
+                    log.info(
+                        "manifest %s: %d jobs from %d valid rows (%d quarantined)",
+                        seen.status,
+                        seen.total_jobs,
+                        seen.rows_dispatched,
+                        seen.rows_quarantined,
+                    )
                 manifest = seen
                 bars.update("jobs", total=manifest.total_jobs)
             elif manifest is None:
@@ -202,6 +246,14 @@ def collect_run(
             status = "timed out"
             break
     store.flush(broker.positions())
+    bars.update("jobs", completed=done)
+    log.info(
+        "collected: %s, %d of %d jobs done, %d dead-lettered",
+        status,
+        done,
+        manifest.total_jobs,
+        len(dead),
+    )
     return Collected(manifest, status, dead)
 
 

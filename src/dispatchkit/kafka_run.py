@@ -26,7 +26,7 @@ from types import FrameType
 
 import msgspec
 
-from dispatchkit import faults, outdir, procs
+from dispatchkit import faults, logs, outdir, procs
 from dispatchkit.app import App, Task, load_app
 from dispatchkit.brokers.kafka.broker import KafkaBroker
 from dispatchkit.brokers.kafka.settings import KafkaSettings, Secret
@@ -345,6 +345,7 @@ class WorkerOptions:
 def work(settings: KafkaSettings, options: WorkerOptions) -> WorkerStats:
     """Be a consumer-group member until SIGTERM/SIGINT (or drained, with ``burst``)."""
     worker_id = options.worker_id or default_worker_id()
+    logs.set_context(worker=worker_id)
     worker = Worker(worker_id, options.retry, app=load_app(options.app))  # fail before joining
     source = KafkaJobSource(
         settings,

@@ -179,6 +179,15 @@ def prepare(spec: RunSpec, check: Check | None = None, app: App | None = None) -
     except BaseException:
         reader.close()
         raise
+    log.info(
+        "run %s: %d rows read, %d valid, %d quarantined; %d jobs of key %s",
+        run_id,
+        counts.rows_read,
+        counts.rows_valid,
+        counts.rows_bad,
+        counts.jobs,
+        key_description(app),
+    )
     return Prepared(paths, fp, run_id, reader, counts, total_jobs, identity, app)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from dispatchkit import faults, wire
+from dispatchkit import faults, logs, wire
 from dispatchkit.app import App, Jobs, ResultError, Task, load_app
 from dispatchkit.brokers.base import Delivery, JobSource, Rejection
 from dispatchkit.errors import DecodeError, DispatchkitError, MisdeployedError, TaskError
@@ -103,6 +103,10 @@ class Worker:
         """Compute a job message; raises :class:`DecodeError` for bytes that are not one,
         :class:`MisdeployedError` for a job of other code."""
         msg = wire.decode_jobs(payload)
+        with logs.context(run=msg.run_id, batch=msg.batch_id):
+            return self._handle(msg)
+
+    def _handle(self, msg: wire.JobMessage) -> Handled:
         task = self.check(msg)
         faults.maybe_sleep()
         keys = msg.keys()

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from dispatchkit import procs
+from dispatchkit import logs, procs
 from dispatchkit.app import load_app
 from dispatchkit.brokers.base import Broker, Delivery, JobSource, Rejection
 from dispatchkit.errors import BrokerError, DecodeError
@@ -318,6 +318,8 @@ def _worker_main(
 ) -> None:
     procs.die_with_parent(parent)
     procs.child_signals()  # Ctrl-C is the parent's; SIGTERM (the parent died) ends us
+    logs.configure_from_env()  # log as the command that started us does
+    logs.set_context(worker=f"{worker_id}:{os.getpid()}")
     source = _PipeSource(conn)
     worker = Worker(f"{worker_id}:{os.getpid()}", retry, app=load_app(app))
     run(source, worker, should_stop=lambda: source.closed or procs.orphaned(), burst=True)

@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or chatter")
         p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+        p.add_argument(
+            "--log-format",
+            choices=["text", "json"],
+            default=os.environ.get("DISPATCHKIT_LOG_FORMAT", "text"),
+            help="log lines as text or as one JSON object each (for log shippers; "
+            "also $DISPATCHKIT_LOG_FORMAT)",
+        )
         return p
 
     from dispatchkit.cli.run import register as register_run
@@ -84,14 +91,15 @@ def _add_kafka_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     register(add, add_kafka_flags)
 
 
-def _configure_logging(verbose: int, quiet: bool) -> None:
+def _configure_logging(verbose: int, quiet: bool, fmt: str = "text") -> None:
     """Configure dispatchkit's own logger only; other libraries keep their defaults."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    log.handlers[:] = [handler]
-    log.propagate = False
+    from dispatchkit import logs
+
     level = logging.WARNING - 10 * verbose
-    log.setLevel(max(level, logging.ERROR) if quiet else max(level, logging.DEBUG))
+    logs.configure(
+        max(level, logging.ERROR) if quiet else max(level, logging.DEBUG),
+        "json" if fmt == "json" else "text",
+    )
     # librdkafka reports (and recovers from) transient errors; show them only with -v.
     logging.getLogger("dispatchkit.librdkafka").setLevel(
         logging.CRITICAL if verbose == 0 else logging.WARNING if verbose == 1 else logging.DEBUG
@@ -131,8 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        _configure_logging(args.verbose, args.quiet)
-        bars = Bars(enabled=False if args.quiet else None)
+        _configure_logging(args.verbose, args.quiet, args.log_format)
+        bars = Bars(enabled=False if args.quiet else None, json_lines=args.log_format == "json")
         with bars:
             code: int = args.fn(args, bars)
         sys.stdout.flush()  # a closed pipe fails here, not at exit
