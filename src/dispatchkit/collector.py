@@ -173,7 +173,7 @@ def _collect(
                         if wait_for_dispatch
                         else "for as long as it takes"
                     )
-                    log.warning(
+                    (log.warning if wait_for_dispatch else log.info)(
                         "collector: waiting %s for run %r to be dispatched (its manifest on %s)",
                         bound,
                         run_id,

@@ -23,6 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import msgspec
 
@@ -453,12 +454,32 @@ def spawn_worker(
     )
 
 
+#: The dispatcher process's count of rows cut into jobs, shared with ``run_kafka``.
+_rows_dispatched: Any = None
+
+
+def _share_rows(counter: Any) -> None:
+    """The dispatcher process's initializer: keep the shared row counter."""
+    global _rows_dispatched
+    _rows_dispatched = counter
+
+
+class _SharedRows(NoProgress):
+    """Progress of the dispatcher process: the rows it has cut, for the parent to show."""
+
+    def advance(self, name: str, n: int = 1) -> None:
+        if name == "dispatch" and _rows_dispatched is not None:
+            with _rows_dispatched.get_lock():
+                _rows_dispatched.value += n
+
+
 def _dispatch_child(spec: RunSpec, settings: KafkaSettings, parent: int) -> RunSummary:
     """``dispatch`` in ``run_kafka``'s dispatcher process, under the parent's lock on --out."""
     procs.die_with_parent(parent)
     procs.child_signals()  # Ctrl-C is the parent's: it stops this process with SIGTERM
+    logs.configure_from_env()
     outdir.inherit(spec.out, "dispatch", parent)
-    return dispatch(spec, settings)
+    return dispatch(spec, settings, _SharedRows())
 
 
 def _dispatched(future: Future[RunSummary]) -> RunSummary:
@@ -496,7 +517,14 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Progress | None = No
                 children[i] = spawn_worker(settings, slots[i], *extra)
 
     # The dispatcher runs in its own process so the collector stores results meanwhile.
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
+    progress = bars or NoProgress()
+    ctx = mp.get_context("spawn")
+    rows = ctx.Value("q", 0)
+    progress.add("dispatch", None, "rows")
+    progress.add("workers", spec.workers, "workers running", gauge=True)
+    pool = ProcessPoolExecutor(
+        max_workers=1, mp_context=ctx, initializer=_share_rows, initargs=(rows,)
+    )
     try:
         run_id = prepare_run_id(spec)
         identity = spec_identity(spec, fingerprint(resolve_inputs(spec.input)), app)
@@ -505,6 +533,8 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Progress | None = No
 
         def tick() -> None:
             supervise()
+            progress.update("dispatch", completed=rows.value)
+            progress.update("workers", completed=sum(p.poll() is None for p in children))
             if dispatching.done() and dispatching.exception() is not None:
                 _dispatched(dispatching)
 

@@ -13,7 +13,8 @@ from typing import Protocol
 class Progress(Protocol):
     """Named counters of work done, each with an optional total and a unit."""
 
-    def add(self, name: str, total: int | None, unit: str = "") -> None: ...
+    def add(self, name: str, total: int | None, unit: str = "", *, gauge: bool = False) -> None:
+        """A new counter; a ``gauge`` goes up and down (workers running), with no rate."""
 
     def advance(self, name: str, n: int = 1) -> None: ...
 
@@ -25,7 +26,7 @@ class Progress(Protocol):
 class NoProgress:
     """Reports nothing."""
 
-    def add(self, name: str, total: int | None, unit: str = "") -> None:
+    def add(self, name: str, total: int | None, unit: str = "", *, gauge: bool = False) -> None:
         pass
 
     def advance(self, name: str, n: int = 1) -> None:

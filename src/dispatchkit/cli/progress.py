@@ -35,6 +35,7 @@ class _Count:
     done: int = 0
     started: float = 0.0
     changed: float = 0.0
+    gauge: bool = False
 
 
 class Bars:
@@ -95,11 +96,11 @@ class Bars:
         if self.lines and self._counts and et is None and self._said:
             self._line(force=True)
 
-    def add(self, name: str, total: int | None, unit: str = "") -> None:
+    def add(self, name: str, total: int | None, unit: str = "", *, gauge: bool = False) -> None:
         if self._progress is not None:
             self._tasks[name] = self._progress.add_task(name, total=total, unit=unit)
         if self.lines:
-            self._counts[name] = _Count(total, unit, 0, time.monotonic())
+            self._counts[name] = _Count(total, unit, 0, time.monotonic(), gauge=gauge)
 
     def advance(self, name: str, n: int = 1) -> None:
         if self._progress is not None and name in self._tasks:
@@ -133,7 +134,7 @@ class Bars:
         for name, c in self._counts.items():
             of = f"/{c.total:,}" if c.total is not None else ""
             took = (c.changed or now) - c.started
-            per_second = c.done / took if took > 0.5 and c.done else None
+            per_second = c.done / took if took > 0.5 and c.done and not c.gauge else None
             rate = f", {per_second:,.0f} {c.unit}/s" if per_second is not None else ""
             parts.append(f"{name} {c.done:,}{of} {c.unit}{rate}")
             fields[name] = {"done": c.done, "total": c.total, "unit": c.unit, "rate": per_second}
