@@ -235,6 +235,19 @@ def test_status_shows_progress(small_parquet: Path, tmp_path: Path) -> None:
     assert not st.stalled and sum(st.lag.values()) == 0
     # Throughput is over a window ending now: it is 0 once nothing moves.
     assert status(settings, "st", now=time.time() + 60).jobs_per_second == 0
+
+    # A later run's status reads the topics from its creation on: none of this run's
+    # records (the clock slack set to 0 here: the runs are seconds apart).
+    time.sleep(1.5)
+    dispatch(RunSpec(input=str(small_parquet), out=tmp_path / "later", run_id="st2"), settings)
+    later = status(settings, "st2", clock_slack_ms=0)
+    mine = sum(
+        1
+        for m in read_all(settings, settings.jobs_topic)
+        if dict(m.headers() or []).get("dk-run") == b"st2"  # type: ignore[attr-defined]
+    )
+    assert later.state != "unknown" and later.records_read == mine, (later.records_read, mine)
+    assert status(settings, "st2").records_read > mine  # with the default slack: both runs
     after = subprocess.run(
         [sys.executable, "-m", "dispatchkit", "status", *kargs, "--run-id", "st"],
         capture_output=True,

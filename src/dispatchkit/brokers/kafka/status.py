@@ -87,6 +87,8 @@ class RunStatus:
     partitions: list[PartitionState] = field(default_factory=list)
     members: list[Member] = field(default_factory=list)
     took: float = 0.0
+    #: Records of the jobs and results topics read to answer (of any run).
+    records_read: int = 0
 
     @property
     def lag(self) -> dict[int, int]:
@@ -125,6 +127,7 @@ def status(
     window: float = WINDOW_SECONDS,
     stall_seconds: float = STALL_SECONDS,
     now: float | None = None,
+    clock_slack_ms: int = CLOCK_SLACK_MS,
 ) -> RunStatus:
     """The run's state, jobs done of total, dead letters, throughput over the last
     ``window`` seconds (0 when nothing moves), ETA, the workers' group with lag per
@@ -138,11 +141,12 @@ def status(
         st.took = time.monotonic() - t0
         return st
     now = time.time() if now is None else now
-    since = max(0, int(manifest.created_at * 1000) - CLOCK_SLACK_MS)
+    since = max(0, int(manifest.created_at * 1000) - clock_slack_ms)
 
     # The run's job messages: per partition, (offset, batch id, job ids).
     messages: dict[int, list[tuple[int, str, list[str]]]] = {}
     for msg in scan(settings, settings.jobs_topic, since_ms=since, check=False):
+        st.records_read += 1
         headers = headers_of(msg)
         if headers.get(H_RUN) != run_id:
             continue
@@ -160,6 +164,7 @@ def status(
     done_at: dict[str, float] = {}
     batch_result: dict[str, tuple[float, str]] = {}
     for msg in scan(settings, settings.results_topic, since_ms=since, check=False):
+        st.records_read += 1
         if headers_of(msg).get(H_RUN) != run_id:
             continue
         try:
