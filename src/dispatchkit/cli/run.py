@@ -9,7 +9,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dispatchkit.cli.args import add_app_flag, iso_date, kafka_settings_from_args, positive_int
+from dispatchkit.cli.args import (
+    add_app_flag,
+    add_metrics_flag,
+    iso_date,
+    kafka_settings_from_args,
+    positive_int,
+)
 from dispatchkit.cli.progress import Bars
 from dispatchkit.errors import RET_OK, UsageError
 
@@ -94,6 +100,7 @@ def register(add: Add, kafka_flags: Flags) -> None:
     )
     r.add_argument("--no-report", action="store_true", help="skip report.png")
     r.add_argument("--broker", choices=["embedded", "kafka"], default="embedded", help="transport")
+    add_metrics_flag(r)
     kafka_flags(r, required=False)
 
     ck = add(
