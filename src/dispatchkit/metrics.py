@@ -79,14 +79,10 @@ MESSAGES = Counter(
     "dispatcher, worker or collector",
     ["role", "kind"],
 )
-MESSAGE_BYTES_TOTAL = Counter(
-    "dispatchkit_message_bytes",
-    "Bytes of the messages counted by dispatchkit_messages_total",
-    ["role", "kind"],
-)
+#: Its ``_sum`` is the bytes of the messages counted by ``dispatchkit_messages_total``.
 MESSAGE_BYTES = Histogram(
     "dispatchkit_message_size_bytes",
-    "Size of one message",
+    "Size of one message (the _sum: their bytes)",
     ["role", "kind"],
     buckets=_BYTES_BUCKETS,
 )
@@ -162,16 +158,12 @@ class DispatchMeter:
 
     def __init__(self, app: str, task: str) -> None:
         self._jobs = JOBS_DISPATCHED.labels(app, task)
-        self._messages = MESSAGES.labels("dispatcher", "job")
-        self._bytes = MESSAGE_BYTES_TOTAL.labels("dispatcher", "job")
-        self._sizes = MESSAGE_BYTES.labels("dispatcher", "job")
+        self._flow = _Flow("dispatcher", "job")
         self._jobs_seen = 0
 
     def sent(self, size: int, jobs_sent: int) -> None:
         """One job message of ``size`` bytes; ``jobs_sent``: the dispatcher's running total."""
-        self._messages.inc()
-        self._bytes.inc(size)
-        self._sizes.observe(size)
+        self._flow.add(size)
         if jobs_sent > self._jobs_seen:
             self._jobs.inc(jobs_sent - self._jobs_seen)
             self._jobs_seen = jobs_sent
@@ -182,11 +174,46 @@ def jobs_dispatched(app: str, task: str, jobs: int) -> None:
     JOBS_DISPATCHED.labels(app, task).inc(jobs)
 
 
+class _Flow:
+    """The metrics of one (role, kind) of message, bound once."""
+
+    def __init__(self, role: str, kind: str) -> None:
+        self.messages = MESSAGES.labels(role, kind)
+        self.sizes = MESSAGE_BYTES.labels(role, kind)
+
+    def add(self, size: int) -> None:
+        self.messages.inc()
+        self.sizes.observe(size)
+
+
+class _TaskMetrics:
+    """A worker's metrics of one (app, task), bound once: a label lookup takes a lock."""
+
+    def __init__(self, app: str, task: str) -> None:
+        self.batch = BATCH_DURATION.labels(app, task)
+        self.job = JOB_DURATION.labels(app, task)
+        self.processed = JOBS_PROCESSED.labels(app, task)
+        self.dead = JOBS_DEAD_LETTERED.labels(app, task)
+
+
+_JOBS_IN = _Flow("worker", "job")
+_RESULTS_OUT = _Flow("worker", "result")
+_DEAD_OUT = _Flow("worker", "dead_letter")
+_RESULTS_IN = MESSAGES.labels("collector", "result")
+_POISON = MESSAGES.labels("worker", "poison")
+_by_task: dict[tuple[str, str], _TaskMetrics] = {}
+
+
+def _task_metrics(app: str, task: str) -> _TaskMetrics:
+    found = _by_task.get((app, task))
+    if found is None:
+        found = _by_task[(app, task)] = _TaskMetrics(app, task)
+    return found
+
+
 def job_message_in(size: int) -> None:
     """A worker received a job message of ``size`` bytes."""
-    MESSAGES.labels("worker", "job").inc()
-    MESSAGE_BYTES_TOTAL.labels("worker", "job").inc(size)
-    MESSAGE_BYTES.labels("worker", "job").observe(size)
+    _JOBS_IN.add(size)
 
 
 def computing(jobs: int) -> None:
@@ -195,7 +222,7 @@ def computing(jobs: int) -> None:
 
 
 def job_retried(app: str, task: str) -> None:
-    JOBS_RETRIED.labels(app, task).inc()
+    JOBS_RETRIED.labels(app, task).inc()  # rare: a failing job
 
 
 def batch_handled(
@@ -209,27 +236,22 @@ def batch_handled(
     dead_bytes: int,
 ) -> None:
     """A worker handled one job message: ``jobs`` done, ``dead`` dead-lettered."""
-    BATCH_DURATION.labels(app, task).observe(seconds)
+    m = _task_metrics(app, task)
+    m.batch.observe(seconds)
     n = jobs + dead
     if n:
-        observe_many(JOB_DURATION.labels(app, task), seconds / n, n)
-    JOBS_PROCESSED.labels(app, task).inc(jobs)
+        observe_many(m.job, seconds / n, n)
+    m.processed.inc(jobs)
     if result_bytes:
-        _message_out("result", result_bytes)
+        _RESULTS_OUT.add(result_bytes)
     if dead:
-        JOBS_DEAD_LETTERED.labels(app, task).inc(dead)
-        _message_out("dead_letter", dead_bytes)
+        m.dead.inc(dead)
+        _DEAD_OUT.add(dead_bytes)
 
 
 def poison_message() -> None:
     """A worker received bytes that are no job message (sent to the dead letters)."""
-    MESSAGES.labels("worker", "poison").inc()
-
-
-def _message_out(kind: str, size: int) -> None:
-    MESSAGES.labels("worker", kind).inc()
-    MESSAGE_BYTES_TOTAL.labels("worker", kind).inc(size)
-    MESSAGE_BYTES.labels("worker", kind).observe(size)
+    _POISON.inc()
 
 
 def observe_many(hist: Histogram, value: float, count: int) -> None:
@@ -250,7 +272,7 @@ def observe_many(hist: Histogram, value: float, count: int) -> None:
 
 def result_message_in() -> None:
     """The collector received one result message."""
-    MESSAGES.labels("collector", "result").inc()
+    _RESULTS_IN.inc()
 
 
 def run_progress(
