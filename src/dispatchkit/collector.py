@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dispatchkit import faults, logs
+from dispatchkit import faults, logs, metrics
 from dispatchkit.app import App
 from dispatchkit.brokers.base import Broker
 from dispatchkit.errors import BrokerError, FatalBrokerError, RunError
@@ -132,6 +132,7 @@ def _collect(
     said_waiting = False
     status = ""
     bars.add("jobs", None, "jobs done")
+    metrics.set_ready("collector", True)  # the store is open
     while True:
         now = time.monotonic()
         if on_tick is not None:
@@ -147,6 +148,7 @@ def _collect(
                 _start(store, run_id, seen, app, identity, inputs)
                 done = store.jobs_done(run_id)
                 bars.update("jobs", completed=done)
+                metrics.run_progress(jobs_done=done, parts_done=store.parts_stored(run_id))
             if seen is not None:
                 if manifest is None or seen.status != manifest.status:
                     log.info(
@@ -158,6 +160,7 @@ def _collect(
                     )
                 manifest = seen
                 bars.update("jobs", total=manifest.total_jobs)
+                metrics.run_progress(jobs_total=seen.total_jobs, parts_total=seen.total_parts)
             elif manifest is None:
                 waited = now - waiting_since
                 if wait_for_dispatch and waited > wait_for_dispatch:
@@ -195,6 +198,7 @@ def _collect(
             continue
         for message in broker.results(0.0 if feed is not None else 0.5):
             store.add(message)
+            metrics.result_message_in()
         if store.buffered and (
             store.buffered >= faults.flush_at(FLUSH_AT) or now - last_flush > 1.0
         ):
@@ -254,6 +258,7 @@ def _collect(
         manifest.total_jobs,
         len(dead),
     )
+    metrics.set_ready("collector", False)
     return Collected(manifest, status, dead)
 
 
@@ -297,11 +302,13 @@ def _start(
 def _flush(broker: Broker, store: ResultStore, run_id: str) -> int:
     """The results and the positions they were read up to, in one transaction; the
     transport is told once they are stored. Returns the run's jobs done."""
-    store.flush(broker.positions())
+    metrics.parts_stored(store.flush(broker.positions()))
     faults.crash_point("run.after_flush")
     faults.crash_point("collector.after_store")
     broker.commit_results()
-    return store.jobs_done(run_id)
+    done = store.jobs_done(run_id)
+    metrics.run_progress(jobs_done=done)
+    return done
 
 
 def check_app(run_id: str, manifest: Manifest, app: App) -> None:

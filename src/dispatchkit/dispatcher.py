@@ -35,7 +35,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dispatchkit import wire
+from dispatchkit import metrics, wire
 from dispatchkit.app import App, Task
 from dispatchkit.errors import RunError, UsageError
 from dispatchkit.keys import job_ids, key_text
@@ -109,6 +109,7 @@ class Dispatcher:
         self.stats = DispatchStats()
         self._capacity: float | None = None
         self._split_sent: set[str] = set()
+        self._meter = metrics.DispatchMeter(app.name, self.task.name)
 
     def capacity(self, schema: pa.Schema) -> float:
         """Bytes of rows and entries one message may carry under the budget."""
@@ -292,6 +293,7 @@ class Dispatcher:
         stats.parts_sent += len(entries)
         stats.bytes_sent += len(payload)
         stats.largest_message = max(stats.largest_message, len(payload))
+        self._meter.sent(len(payload), stats.jobs_sent)
         yield Outgoing(
             payload=payload,
             key=f"b{bucket}".encode(),

@@ -27,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from dispatchkit import faults, logs, outdir, procs
+from dispatchkit import faults, logs, metrics, outdir, procs
 from dispatchkit.app import App, Task, load_app
 from dispatchkit.brokers.kafka.broker import KafkaBroker
 from dispatchkit.brokers.kafka.settings import KafkaSettings, Secret
@@ -131,6 +131,7 @@ def dispatch(
             published = broker.published_parts(prep.run_id) if resumed else set()
             broker.run_id = prep.run_id
             assert prep.app is not None
+            metrics.set_ready("dispatcher", True)
             dispatcher = Dispatcher(
                 prep.reader,
                 app=prep.app,
@@ -166,6 +167,7 @@ def dispatch(
                 )
             )
         finally:
+            metrics.set_ready("dispatcher", False)
             broker.close()
     summary.jobs_sent = stats.jobs_sent
     summary.split_jobs = stats.split_jobs
@@ -361,11 +363,16 @@ def work(settings: KafkaSettings, options: WorkerOptions) -> WorkerStats:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("worker %s: signal %d, finishing the current job", worker_id, signum)
         stopping.append(signum)
+        metrics.set_draining()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     idle_since = [time.monotonic()]
 
+    lag = metrics.LagProbe(source.lag)
+
     def should_stop() -> bool:
+        metrics.set_ready("worker", source.joined)
+        lag.tick()
         return bool(stopping) or procs.orphaned()  # a run that started us is gone
 
     def on_batch(_: int) -> None:
@@ -412,6 +419,7 @@ def work(settings: KafkaSettings, options: WorkerOptions) -> WorkerStats:
 def worker_env(settings: KafkaSettings) -> dict[str, str]:
     """Environment that hands these settings to a child process (secrets stay off argv)."""
     env = dict(os.environ)
+    env.pop("DISPATCHKIT_METRICS_PORT", None)  # the parent's port: a child would collide
     env["DISPATCHKIT_BOOTSTRAP_SERVERS"] = settings.bootstrap_servers
     for key, value in settings.options.items():
         name = "DISPATCHKIT_KAFKA_" + key.upper().replace(".", "_")
@@ -553,6 +561,9 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Progress | None = No
         )
         sent = _dispatched(dispatching)
         summary.worker_restarts = restarts[0]
+        # The dispatcher process's counts, as it reported them (its metrics are its own).
+        metrics.rows_counted(app.name, sent.rows_read, sent.bad_rows)
+        metrics.jobs_dispatched(app.name, spec.task, sent.jobs_sent)
     except BaseException:
         # Interrupted or failed: stop the dispatcher now rather than wait for it.
         for child in list(getattr(pool, "_processes", {}).values()):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import pyarrow as pa
 
+from dispatchkit import metrics
 from dispatchkit.app import App, Task, Timestamp, load_app
 from dispatchkit.collector import Collected, collect_run, conclude
 from dispatchkit.dispatcher import DEFAULT_MAX_MESSAGE_BYTES, Dispatcher, too_big_message
@@ -175,6 +176,7 @@ def prepare(spec: RunSpec, check: Check | None = None, app: App | None = None) -
         _refuse_too_big(spec, app, task, run_id, counts)
         reader.write_quarantine(spec.out, any_bad=counts.rows_bad > 0)
         check_rows(run_id, counts, spec.max_bad_rows, spec.out / "quarantine.csv")
+        metrics.rows_counted(app.name, counts.rows_read, counts.bad)
         total_jobs = counts.jobs
     except BaseException:
         reader.close()

@@ -420,6 +420,15 @@ class ResultStore:
         ).fetchall()
         return {str(r[0]) for r in rows}
 
+    def parts_stored(self, run_id: str) -> int:
+        """How many job parts of the run are stored (0 for a run not started here)."""
+        if run_id not in self._layouts:
+            return 0
+        row = self.con.execute(
+            f"SELECT count(*) FROM {self.layout(run_id).table} WHERE run_id = ?", [run_id]
+        ).fetchall()
+        return int(row[0][0]) if row else 0
+
     def jobs_done(self, run_id: str) -> int:
         if run_id not in self._layouts:
             return 0

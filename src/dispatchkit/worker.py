@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from dispatchkit import faults, logs, wire
+from dispatchkit import faults, logs, metrics, wire
 from dispatchkit.app import App, Jobs, ResultError, Task, load_app
 from dispatchkit.brokers.base import Delivery, JobSource, Rejection
 from dispatchkit.errors import DecodeError, DispatchkitError, MisdeployedError, TaskError
@@ -51,6 +51,8 @@ class Handled:
     jobs: int
     failed: bytes | None = None
     rejection: Rejection | None = None
+    task: str = ""
+    dead: int = 0  # jobs in ``failed``
 
 
 @dataclass
@@ -103,6 +105,7 @@ class Worker:
         """Compute a job message; raises :class:`DecodeError` for bytes that are not one,
         :class:`MisdeployedError` for a job of other code."""
         msg = wire.decode_jobs(payload)
+        metrics.computing(len(msg.jobs))
         with logs.context(run=msg.run_id, batch=msg.batch_id):
             return self._handle(msg)
 
@@ -151,6 +154,7 @@ class Worker:
                     if isinstance(exc, ResultError):
                         break  # the same code gives the same wrong result: no retry
                     if attempt < attempts:
+                        metrics.job_retried(msg.app, msg.task)
                         self.sleep(compute_backoff(attempt, self.retry))
             if outcome[i] is None:
                 assert last_error is not None
@@ -208,7 +212,7 @@ class Worker:
             failed=failed,
         )
         if not failed:
-            return Handled(result=result, jobs=len(entries))
+            return Handled(result=result, jobs=len(entries), task=msg.task)
         dead = [i for i in range(len(msg.jobs)) if i not in set(done)]
         at, moved, slices = 0, [], []
         for i in dead:
@@ -232,6 +236,8 @@ class Worker:
         return Handled(
             result=result,
             jobs=len(entries),
+            task=msg.task,
+            dead=len(failed),
             failed=dead_payload,
             rejection=Rejection(
                 error_class=last.error_class,
@@ -275,12 +281,15 @@ def run(
 
 
 def _handle_one(source: JobSource, worker: Worker, delivery: Delivery, stats: WorkerStats) -> None:
+    t0 = time.perf_counter()
+    metrics.job_message_in(len(delivery.payload))
     try:
         handled = source.process(lambda: worker.handle(delivery.payload), delivery)
     except DecodeError as exc:
         log.error("poison message %s: %s", delivery.token, exc)
         source.reject(delivery, Rejection("DecodeError", str(exc)[:500], 1, time.time()))
         stats.rejected += 1
+        metrics.poison_message()
         return
     except MisdeployedError:
         raise  # leave the job for a worker with the right code
@@ -293,3 +302,13 @@ def _handle_one(source: JobSource, worker: Worker, delivery: Delivery, stats: Wo
     source.ack(delivery, handled.result, failed)
     stats.batches += 1
     stats.jobs += handled.jobs
+    metrics.batch_handled(
+        worker.app.name,
+        handled.task,
+        time.perf_counter() - t0,
+        jobs=handled.jobs,
+        dead=handled.dead,
+        result_bytes=len(handled.result),
+        dead_bytes=len(handled.failed or b""),
+    )
+    metrics.computing(0)

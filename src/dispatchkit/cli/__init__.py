@@ -16,7 +16,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import Any
 
@@ -110,9 +110,15 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every ``finally`` cleans up the same way."""
 
 
+#: Called on SIGTERM/SIGINT before the command unwinds (the metrics endpoint's draining).
+_on_stop: list[Callable[[], None]] = []
+
+
 def _on_signal(signals: list[int]) -> Callable[[int, FrameType | None], None]:
     def handler(signum: int, frame: FrameType | None) -> None:
         signals.append(signum)
+        for fn in _on_stop:
+            fn()
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     return handler
@@ -141,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         _configure_logging(args.verbose, args.quiet, args.log_format)
         bars = Bars(enabled=False if args.quiet else None, json_lines=args.log_format == "json")
-        with bars:
+        with bars, _metrics_endpoint(args):
             code: int = args.fn(args, bars)
         sys.stdout.flush()  # a closed pipe fails here, not at exit
         return _interrupted(bars, signals) if signals else code
@@ -167,6 +173,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _metrics_endpoint(args: argparse.Namespace) -> Iterator[None]:
+    """``--metrics-port``: serve metrics and health for as long as the command runs."""
+    from dispatchkit.cli.args import metrics_port
+
+    port = metrics_port(args)
+    if not port:
+        yield
+        return
+    from dispatchkit import metrics
+    from dispatchkit.errors import UsageError
+
+    metrics.reset()
+    try:
+        server = metrics.serve(port, version=__version__)
+    except OSError as exc:
+        raise UsageError(f"--metrics-port {port}: {exc.strerror or exc}") from None
+    log.info("metrics on http://0.0.0.0:%d/metrics; health on /healthz/live, /healthz/ready", port)
+    _on_stop.append(metrics.set_draining)
+    try:
+        yield
+    finally:
+        _on_stop.remove(metrics.set_draining)
+        server.close()
 
 
 def _close(bars: Bars | None) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from dispatchkit.brokers.kafka.settings import KafkaSettings, load_settings
+from dispatchkit.errors import UsageError
 
 if TYPE_CHECKING:
     from dispatchkit.outcome import BadRowBudget
@@ -97,3 +99,44 @@ def add_app_flag(p: argparse.ArgumentParser) -> None:
         help="the app: module:attr or path/to/file.py:attr (default: $DISPATCHKIT_APP, "
         "else the built-in COVID app dispatchkit.apps.covid:app)",
     )
+
+
+def add_metrics_flag(p: argparse.ArgumentParser) -> None:
+    """``--metrics-port``: Prometheus metrics and health endpoints (see docs/operations.md)."""
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve /metrics (Prometheus), /healthz/live and /healthz/ready on this port; "
+        "0: off (default: $DISPATCHKIT_METRICS_PORT, else off)",
+    )
+
+
+def metrics_port(args: object) -> int:
+    """The port ``--metrics-port`` or ``$DISPATCHKIT_METRICS_PORT`` asks for; 0: none.
+
+    Only commands with the flag serve metrics: ``status`` or ``report`` never bind a port.
+    """
+    if not hasattr(args, "metrics_port"):
+        return 0
+    port: int | None = args.metrics_port
+    if port is None:
+        text = os.environ.get("DISPATCHKIT_METRICS_PORT", "").strip()
+        if not text:
+            return 0
+        try:
+            port = _port(text)
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"$DISPATCHKIT_METRICS_PORT: {exc}") from None
+    return port
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return value

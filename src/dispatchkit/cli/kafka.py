@@ -9,6 +9,7 @@ from pathlib import Path
 from dispatchkit.cli.args import (
     add_app_flag,
     add_bad_rows_flag,
+    add_metrics_flag,
     iso_date,
     kafka_settings_from_args,
     positive_int,
@@ -47,6 +48,7 @@ def register(add: Add, kafka_flags: Flags) -> None:
         default=900_000,
         help="largest job batch message; bigger jobs are split into parts",
     )
+    add_metrics_flag(d)
     kafka_flags(d, required=True)
 
     w = add(
@@ -88,6 +90,7 @@ def register(add: Add, kafka_flags: Flags) -> None:
         default=300_000,
         help="librdkafka max.poll.interval.ms (long jobs poll while they run)",
     )
+    add_metrics_flag(w)
     kafka_flags(w, required=True)
 
     c = add(
@@ -109,6 +112,7 @@ def register(add: Add, kafka_flags: Flags) -> None:
         "0 waits for ever (default: 60)",
     )
     c.add_argument("--no-report", action="store_true", help="skip report.png")
+    add_metrics_flag(c)
     kafka_flags(c, required=True)
 
     s = add(

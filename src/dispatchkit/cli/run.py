@@ -12,6 +12,7 @@ from pathlib import Path
 from dispatchkit.cli.args import (
     add_app_flag,
     add_bad_rows_flag,
+    add_metrics_flag,
     iso_date,
     kafka_settings_from_args,
     positive_int,
@@ -101,6 +102,7 @@ def register(add: Add, kafka_flags: Flags) -> None:
     )
     r.add_argument("--no-report", action="store_true", help="skip report.png")
     r.add_argument("--broker", choices=["embedded", "kafka"], default="embedded", help="transport")
+    add_metrics_flag(r)
     kafka_flags(r, required=False)
 
     ck = add(

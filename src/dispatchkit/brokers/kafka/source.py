@@ -109,6 +109,8 @@ class KafkaJobSource(JobSource):
         self.committed_batches = 0
         self.aborts = 0
         self.dropped = 0
+        #: The group has given this member its share (maybe none) at least once.
+        self.joined = False
 
     # -- clients -----------------------------------------------------------------------
 
@@ -227,6 +229,7 @@ class KafkaJobSource(JobSource):
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned |= {(p.topic, p.partition) for p in partitions}
+        self.joined = True
         log.info("%s assigned %s", self.worker_id, _names(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -256,6 +259,20 @@ class KafkaJobSource(JobSource):
         self._buffer = deque(m for m in self._buffer if (m.topic(), m.partition()) not in gone)
         for key in gone:
             self._offsets.pop(key, None)
+
+    def lag(self) -> int | None:
+        """Job messages not yet consumed on the assigned partitions, summed; from what
+        the consumer knows already (no round trip), ``None`` before it knows anything."""
+        consumer = self._consumer
+        if consumer is None or not self.joined:
+            return None
+        total, known = 0, False
+        for tp in consumer.position([TopicPartition(t, p) for t, p in self._assigned]):
+            _, high = consumer.get_watermark_offsets(tp, cached=True)
+            if tp.offset >= 0 and high >= 0:
+                total += max(0, high - tp.offset)
+                known = True
+        return total if known or not self._assigned else None
 
     # -- JobSource ---------------------------------------------------------------------
 
