@@ -127,12 +127,22 @@ def test_links_and_loops_read_each_real_file_once(tmp_path: Path) -> None:
         assert set(countries) == want and n == 3 * len(want), (source, paths)
 
 
-def test_unreadable_subdirectory_is_refused(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root reads everything")
+def test_unreadable_subdirectory_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "d" / "locked").mkdir(parents=True)
     parquet(tmp_path / "d" / "a.parquet", "A")
     (tmp_path / "d" / "locked").chmod(0)
+    if os.geteuid() == 0:  # root reads everything: the kernel's refusal, as a user gets it
+        real_scandir = os.scandir
+        locked = str(tmp_path / "d" / "locked")
+
+        def scandir(path: object = ".") -> object:
+            if os.fspath(path) == locked:  # type: ignore[arg-type]
+                raise PermissionError(13, "Permission denied", locked)
+            return real_scandir(path)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "scandir", scandir)
     try:
         with pytest.raises(InputError, match="cannot list directory"):
             resolve_inputs(tmp_path / "d")
