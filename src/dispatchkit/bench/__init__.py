@@ -7,8 +7,9 @@ wall time, CPU and peak memory), ``tables`` (bench.json, bench.md, the targets) 
 child process, timed from its start, loads only what that variant needs.
 """
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from dispatchkit.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from dispatchkit.bench.runner import SECTIONS, BenchConfig, compare_results, run_benchmarks
@@ -21,17 +22,7 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'dispatchkit.bench' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 __all__ = ["SECTIONS", "BenchConfig", "compare_results", "run_benchmarks"]

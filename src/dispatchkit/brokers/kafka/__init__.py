@@ -6,8 +6,9 @@ below are imported on first use (PEP 562): the command line reads its Kafka flag
 without loading the client library.
 """
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from dispatchkit.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from dispatchkit.brokers.kafka.broker import KafkaBroker
@@ -21,17 +22,7 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'dispatchkit.brokers.kafka' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 __all__ = ["KafkaBroker", "KafkaJobSource", "KafkaSettings"]
