@@ -35,7 +35,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dispatchkit import wire
+from dispatchkit import arrays, wire
 from dispatchkit.app import App, Task
 from dispatchkit.errors import RunError, UsageError
 from dispatchkit.keys import job_ids, key_text
@@ -122,7 +122,7 @@ class Dispatcher:
                 key_names=self.key_names,
                 key_types=self.key_types,
                 jobs=[],
-                table=pa.RecordBatch.from_pylist([], schema=schema),
+                table=arrays.empty_batch(schema),
                 compression=self.compression,
             )
             fixed = len(head) + 16 + wire.body_overhead(schema, self.compression)
@@ -177,9 +177,10 @@ class Dispatcher:
         n = table.num_rows
         offsets = np.append(starts, n).astype(np.int64)
         lengths = np.diff(offsets)
-        key_rows = table.select(self.key_names).take(pa.array(starts))
+        first_rows = arrays.from_numpy(starts, pa.int64())
+        key_rows = table.select(self.key_names).take(first_rows)
         _, _, keys = wire.key_lists(key_rows)
-        buckets = table.column(BUCKET).take(pa.array(starts)).to_numpy()
+        buckets = arrays.to_numpy(table.column(BUCKET).take(first_rows))
         ids = job_ids(self.run_id, self.app.name, self.task.name, keys)
         stats.jobs += len(ids)
         stats.rows_cut += n
@@ -189,7 +190,7 @@ class Dispatcher:
             return
         if not keep.all():  # drop the rows of skipped jobs
             rows = np.repeat(keep, lengths)
-            table = table.filter(pa.array(rows))
+            table = table.filter(arrays.from_numpy(rows, pa.bool_()))
             ids = [i for i, k in zip(ids, keep.tolist(), strict=True) if k]
             keys = [k for k, kk in zip(keys, keep.tolist(), strict=True) if kk]
             buckets = buckets[keep]
@@ -314,7 +315,7 @@ class Dispatcher:
         for i, v in enumerate(keys[0]):
             if isinstance(v, str):
                 if key_rows is not None:
-                    lengths = pc.binary_length(key_rows.column(i)).to_numpy(zero_copy_only=False)
+                    lengths = arrays.to_numpy(pc.binary_length(key_rows.column(i)))
                 else:
                     lengths = np.array([len(str(k[i]).encode()) for k in keys])
                 cost += np.asarray(lengths, dtype=np.float64) + 4
@@ -355,5 +356,5 @@ def _job_starts(table: pa.Table, names: Sequence[str]) -> npt.NDArray[np.int64]:
             if col.null_count:
                 raise RunError(f"internal check failed: a null in key column {name}")
             diff = pc.not_equal(col.slice(1), col.slice(0, n - 1))
-            change[1:] |= np.asarray(diff.to_numpy(zero_copy_only=False), dtype=np.bool_)
+            change[1:] |= arrays.to_numpy(diff)
     return np.flatnonzero(change).astype(np.int64)

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 import dispatchkit as dk
 from dispatchkit.apps.covid.stats import wilson_arrays, wilson_interval
+from dispatchkit.arrays import to_numpy
 from dispatchkit.keys import key_text
 
 #: Accepted spellings of a result, compared after trimming and lower-casing.
@@ -111,8 +112,7 @@ def positive_rate(key: dict[str, Any], rows: pa.Table) -> dict[str, Any]:
 @positive_rate.vectorized
 def positive_rate_jobs(jobs: dk.Jobs) -> dict[str, Any]:
     """All jobs of a message at once: a cumulative sum over the packed outcomes."""
-    res = jobs.rows["result"].combine_chunks() if jobs.rows.num_rows else pa.array([], pa.bool_())
-    flags = np.asarray(res.to_numpy(zero_copy_only=False), dtype=np.int64)
+    flags = to_numpy(jobs.rows["result"]).astype(np.int64)
     cum = np.concatenate(([0], np.cumsum(flags)))
     offsets = jobs.offsets
     positives = cum[offsets[1:]] - cum[offsets[:-1]]
