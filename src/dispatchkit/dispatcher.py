@@ -25,6 +25,7 @@ the run (embedded or Kafka) publishes, and jobs already done can be skipped for 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -109,6 +110,8 @@ class Dispatcher:
         self.stats = DispatchStats()
         self._capacity: float | None = None
         self._split_sent: set[str] = set()
+        self._bucket = -1  # the bucket cut last, and the ids of its jobs cut so far
+        self._bucket_ids: set[str] = set()
 
     def capacity(self, schema: pa.Schema) -> float:
         """Bytes of rows and entries one message may carry under the budget."""
@@ -147,6 +150,7 @@ class Dispatcher:
         number of rows cut from each record batch.
         """
         columns = [BUCKET, *self.key_names, *self.task.reads]
+        self._bucket, self._bucket_ids = -1, set()
         carry: pa.Table | None = None
         for batch in self.reader.sorted_valid(self.task.reads):
             if batch.num_rows == 0:
@@ -165,6 +169,37 @@ class Dispatcher:
         if carry is not None and carry.num_rows:
             yield from self._cut(carry, np.zeros(1, np.int64), skip, skip_parts)
 
+    def _check_contiguous(
+        self,
+        buckets: npt.NDArray[np.int64],
+        ids: list[str],
+        keys: list[tuple[wire.KeyValue, ...]],
+    ) -> None:
+        """Internal check: buckets never go back, and no job is cut twice in its bucket.
+
+        The reader sorts by bucket, then key; a key whose rows were not together would
+        be cut into two jobs of one id, and one of them would overwrite the other.
+        """
+        if buckets.size == 0:
+            return
+        if buckets[0] < self._bucket or np.any(np.diff(buckets) < 0):
+            raise RunError("internal check failed: the reader's rows are not sorted by bucket")
+        bounds = [0, *(np.flatnonzero(np.diff(buckets)) + 1).tolist(), len(ids)]
+        for a, b in itertools.pairwise(bounds):
+            if int(buckets[a]) != self._bucket:
+                self._bucket, self._bucket_ids = int(buckets[a]), set()
+            fresh = set(ids[a:b])
+            if len(fresh) != b - a or not self._bucket_ids.isdisjoint(fresh):
+                seen = set(self._bucket_ids)
+                for i in range(a, b):
+                    if ids[i] in seen:
+                        raise RunError(
+                            f"internal check failed: the rows of job {self._text(keys[i])} "
+                            "are not together in the reader's order"
+                        )
+                    seen.add(ids[i])
+            self._bucket_ids |= fresh
+
     def _cut(
         self,
         table: pa.Table,
@@ -182,6 +217,7 @@ class Dispatcher:
         _, _, keys = wire.key_lists(key_rows)
         buckets = arrays.to_numpy(table.column(BUCKET).take(first_rows))
         ids = job_ids(self.run_id, self.app.name, self.task.name, keys)
+        self._check_contiguous(buckets, ids, keys)
         stats.jobs += len(ids)
         stats.rows_cut += n
         keep = np.fromiter((i not in skip for i in ids), dtype=np.bool_, count=len(ids))

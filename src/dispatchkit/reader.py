@@ -12,7 +12,7 @@ of the first rule it fails (:mod:`dispatchkit.rules`). Queries over that view gi
 2. :meth:`InputReader.write_quarantine`: the bad rows, to ``quarantine.parquet`` and
    ``quarantine.csv``;
 3. :meth:`InputReader.sorted_valid`: the valid rows with their ``bucket`` and key columns
-   and the columns a task reads, sorted by ``(bucket, key)``, streamed back in Arrow
+   and the columns a task reads, sorted by bucket, then key, streamed back in Arrow
    record batches.
 
 ``bucket`` is a hash of the key, the same in every process, machine and DuckDB
@@ -22,6 +22,15 @@ unsigned little-endian 128-bit integer, modulo the run's bucket count (see
 :func:`key_bucket`): :func:`bucket_count` of its jobs, about :data:`JOBS_PER_BUCKET`
 jobs a bucket, a power of two up to :data:`NBUCKETS`. A small run so gets few messages,
 a big one spreads over many partitions; a given input always gets the same count.
+
+The digest is computed once per key, not per row: the counting pass keeps the valid keys
+in a table (``dk_keys``) with the digest's first 8 bytes as an unsigned little-endian
+integer ``h`` (so ``h mod buckets`` is the bucket). The sort joins each row to its key
+and orders by one integer, ``bucket << 56 | h >> 8``, then file and row: a bucket's keys
+come in the order of their hash, each key's rows together and in input order. That
+needs every key to have its own ``h >> 8``, which the counting pass checks; should two
+keys of a run share one (a chance of about one in 10^7 at 100,000 keys) the sort falls
+back to ordering by bucket, the key's values, file and row.
 
 Memory stays bounded because DuckDB sorts out of core: it is given a memory limit and a
 spill directory, and we only ever hold one record batch in Python. Input size changes
@@ -350,6 +359,7 @@ class InputReader:
         self._staged: list[Path] = []
         self._reasons: dict[str, tuple[str, str]] = {}
         self._counts: dict[tuple[str, ...], RowCounts] = {}
+        self._hash_sort = False  # every valid key has its own h >> 8 (see counts())
         self.con: duckdb.DuckDBPyConnection | None = None
         try:
             self.con = duckdb.connect(
@@ -556,12 +566,12 @@ class InputReader:
         """The run's bucket count (:func:`bucket_count` of its jobs)."""
         return bucket_count(self.counts().jobs)
 
-    def _bucket_expr(self, keys: Sequence[str]) -> str:
+    @staticmethod
+    def _hash_expr(keys: Sequence[str]) -> str:
+        """SQL of a key's hash ``h`` (UBIGINT): the first 8 bytes of the MD5 digest of
+        its values as text, little-endian, i.e. the low 64 bits of ``md5_number``."""
         text = f" || {literal(KEY_SEPARATOR)} || ".join(f"CAST({k} AS VARCHAR)" for k in keys)
-        # md5_number % NBUCKETS as its low bits: a power of two, so the same for an
-        # unsigned or a signed (two's complement) md5_number, and far faster than ``%``
-        # on a 128-bit integer.
-        return f"CAST(md5_number({text}) & {self.buckets - 1} AS INTEGER)"
+        return f"CAST(md5_number({text}) & {2**64 - 1} AS UBIGINT)"
 
     def _value_columns(self, columns: Sequence[str] | None) -> list[str]:
         """The requested columns that are not key columns (default: the non-key columns)."""
@@ -640,6 +650,15 @@ class InputReader:
             by_reason = self._con.execute(
                 "SELECT coalesce(reason, ''), sum(n), count(*) FROM dk_jobs GROUP BY 1"
             ).fetchall()
+            # The valid keys and their hash, for the sort (see the module's docstring).
+            self._con.execute(
+                f"CREATE OR REPLACE TEMP TABLE dk_keys AS SELECT {', '.join(ks)}, "
+                f"{self._hash_expr(ks)} AS h FROM dk_jobs WHERE reason IS NULL"
+            )
+            distinct = self._con.execute(
+                "SELECT count(*), count(DISTINCT h >> 8) FROM dk_keys"
+            ).fetchall()
+            self._hash_sort = bool(distinct) and distinct[0][0] == distinct[0][1]
             largest = self._con.execute(
                 f"SELECT n, b, {', '.join(ks)} FROM dk_jobs WHERE reason IS NULL "
                 f"ORDER BY b DESC, n DESC, {', '.join(ks)} LIMIT 1"
@@ -720,23 +739,35 @@ class InputReader:
     def sorted_valid(
         self, columns: Sequence[str] | None = None, rows_per_batch: int = 262_144
     ) -> Iterator[pa.RecordBatch]:
-        """The valid rows in Arrow batches of :meth:`batch_schema`, sorted by (bucket, key).
+        """The valid rows in Arrow batches of :meth:`batch_schema`, sorted by bucket.
 
         Each batch has ``bucket`` (int32), the key columns in the key's Arrow types, and
         the requested non-key ``columns`` normalized (default: every column not in the
-        key as is). A job's rows are contiguous, in input order (file, then row).
+        key as is). Within a bucket, keys come in the order of their hash (see the
+        module's docstring); a job's rows are contiguous, in input order (file, then row).
         """
         value_cols = self._value_columns(columns)
         schema = self.batch_schema(value_cols)
+        self.counts()  # the keys table and the bucket count
         keys = self._key_exprs()
+        ks = [f"k{i}" for i in range(len(keys))]
         names = [quote(n) for n in self.keyspec.names]
-        select = [f"{self._bucket_expr(keys)} AS bucket"]
-        select += [f"{k} AS {n}" for k, n in zip(keys, names, strict=True)]
-        select += [f"{alias(c)} AS {quote(c)}" for c in value_cols]
+        mask = self.buckets - 1
+        rows = [f"{k} AS {n}" for k, n in zip(keys, ks, strict=True)]
+        rows += [f"{alias(c)} AS {quote(c)}" for c in value_cols]
+        rows += [f"{_FID} AS fid", f"{_ROW} AS row"]
+        select = [f"CAST(k.h & {mask} AS INTEGER) AS bucket"]
+        select += [f"r.{k} AS {n}" for k, n in zip(ks, names, strict=True)]
+        select += [f"r.{quote(c)}" for c in value_cols]
+        if self._hash_sort:
+            order = f"((k.h & {mask}) << 56) | (k.h >> 8), r.fid, r.row"
+        else:
+            order = f"bucket, {', '.join(f'r.{k}' for k in ks)}, r.fid, r.row"
         try:
             reader: Any = self._con.sql(
-                f"SELECT {', '.join(select)} FROM checked WHERE {_REASON} IS NULL "
-                f"ORDER BY bucket, {', '.join(names)}, {_FID}, {_ROW}"
+                f"SELECT {', '.join(select)} FROM "
+                f"(SELECT {', '.join(rows)} FROM checked WHERE {_REASON} IS NULL) r "
+                f"JOIN dk_keys k USING ({', '.join(ks)}) ORDER BY {order}"
             ).to_arrow_reader(rows_per_batch)  # sorted: insertion order is kept
         except duckdb.Error as exc:
             raise InputError(f"cannot read input: {_short(exc)}") from None
