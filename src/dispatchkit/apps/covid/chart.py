@@ -169,7 +169,7 @@ def plot_report(results: pl.DataFrame, path: Path, *, title: str | None = None) 
     ref.yaxis.set_major_locator(MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]))
     # The panels share both axes: place and label their ticks once, not once per panel.
     for axis in (ref.xaxis, ref.yaxis):
-        locs = axis.get_majorticklocs()
+        locs = [float(v) for v in axis.get_majorticklocs()]
         labels = axis.get_major_formatter().format_ticks(locs)
         axis.set_major_locator(FixedLocator(locs))
         axis.set_major_formatter(FixedFormatter(labels))
