@@ -40,7 +40,6 @@ from typing import Any, ClassVar, Final
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from dispatchkit import arrays
 from dispatchkit.errors import TaskError, UsageError
@@ -631,6 +630,8 @@ class Task:
                         f"column {f.name} is {f.type} in the {what} schema, but the task "
                         f"returned {col.type}"
                     )
+                import pyarrow.compute as pc  # here: a worker need not import it
+
                 try:
                     col = pc.cast(col, f.type, safe=True)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:

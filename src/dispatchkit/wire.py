@@ -38,7 +38,6 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from dispatchkit import arrays
 from dispatchkit.errors import DecodeError, UsageError
@@ -191,6 +190,7 @@ def decode_body(body: bytes, *, full: bool = True) -> pa.RecordBatch:
         else:
             raise DecodeError("the body holds more than one record batch")
         batch.validate(full=full)
+        _ = batch.schema.names  # decoded from UTF-8 on access: damage shows here
     except StopIteration:
         raise DecodeError("the body holds no record batch") from None
     except DecodeError:
@@ -437,7 +437,7 @@ def _spread(table: pa.Table | None, mask: npt.NDArray[np.bool_], n: int) -> list
     if table.num_rows != int(mask.sum()):
         raise UsageError(f"{table.num_rows} rows given for {int(mask.sum())} result entries")
     table = table.combine_chunks()
-    if mask.all():
+    if mask.all():  # the usual case: no import of pyarrow.compute in a worker
         return [c.chunk(0) if c.num_chunks else pa.nulls(0, c.type) for c in table.columns]
     index = pa.Array.from_buffers(
         pa.int64(),
@@ -447,6 +447,8 @@ def _spread(table: pa.Table | None, mask: npt.NDArray[np.bool_], n: int) -> list
             pa.py_buffer((np.cumsum(mask) - 1).astype(np.int64)),
         ],
     )
+    import pyarrow.compute as pc
+
     return (
         [pc.take(c, index).combine_chunks() for c in table.columns]
         if n
@@ -549,6 +551,8 @@ _BUFFER_OVERHEAD: Final = 64
 
 def row_bytes(table: pa.Table | pa.RecordBatch) -> npt.NDArray[np.float64]:
     """An upper bound of each row's uncompressed body bytes, vectorized over columns."""
+    import pyarrow.compute as pc
+
     n = table.num_rows
     cost = np.zeros(n, dtype=np.float64)
     for column in table.columns:
@@ -824,5 +828,7 @@ def _entry_costs(job_ids: Sequence[str], keys: pa.Table) -> Int64Array:
 
 
 def _lengths(column: pa.Array | pa.ChunkedArray) -> Int64Array:
+    import pyarrow.compute as pc
+
     lengths = pc.fill_null(pc.binary_length(column), 0).cast(pa.int64())
     return arrays.to_numpy(lengths).astype(np.int64)

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 import dispatchkit as dk
 from dispatchkit.apps.covid.stats import wilson_arrays, wilson_interval
@@ -54,8 +53,14 @@ app.key("country", dk.floor("test_datetime", "hour", name="date_hour"))
 Interval = Callable[[int, int, dict[str, Any]], tuple[float, float]]
 
 
+def _positives(rows: pa.Table) -> int:
+    import pyarrow.compute as pc  # here: the vectorized form does without it
+
+    return int(pc.sum(rows["result"]).as_py() or 0)
+
+
 def _counts(rows: pa.Table) -> dict[str, int]:
-    return {"tests": rows.num_rows, "positives": int(pc.sum(rows["result"]).as_py() or 0)}
+    return {"tests": rows.num_rows, "positives": _positives(rows)}
 
 
 def _rate(interval: Interval) -> Callable[[dict[str, Any], Mapping[str, Any]], dict[str, Any]]:
@@ -79,7 +84,7 @@ def _combine(interval: Interval) -> dk.Combine:
         create=lambda: {"tests": 0, "positives": 0},
         add=lambda s, rows: {
             "tests": s["tests"] + rows.num_rows,
-            "positives": s["positives"] + int(pc.sum(rows["result"]).as_py() or 0),
+            "positives": s["positives"] + _positives(rows),
         },
         merge=lambda a, b: {
             "tests": a["tests"] + b["tests"],
