@@ -592,17 +592,23 @@ class InputReader:
                 out.append(c)
         return out
 
-    def _bytes_expr(self, columns: Sequence[str]) -> str:
-        terms = []
+    def _bytes_agg(self, columns: Sequence[str]) -> str:
+        """SQL aggregate of a group's estimated bytes (see :class:`RowCounts`).
+
+        Fixed-width columns count as the row count times their width, so only text
+        columns are summed row by row.
+        """
+        fixed, texts = 0, []
         for c in columns:
             rule = self.app.input_columns[c]
             if isinstance(rule, Text):
-                terms.append(f"(coalesce(strlen({alias(c)}), 0) + 4)")
-            elif isinstance(rule, Bool):
-                terms.append("1")
+                texts.append(f"(coalesce(strlen({alias(c)}), 0) + 4)")
             else:
-                terms.append("8")
-        return f"CAST({' + '.join(terms)} AS BIGINT)" if terms else "CAST(0 AS BIGINT)"
+                fixed += 1 if isinstance(rule, Bool) else 8
+        agg = f"count(*) * {fixed}"
+        if texts:
+            agg += f" + sum({' + '.join(texts)})"
+        return f"CAST({agg} AS BIGINT)"
 
     def _key_values(self, values: Sequence[object]) -> dict[str, Any]:
         key: dict[str, Any] = {}
@@ -643,7 +649,7 @@ class InputReader:
                 f"""
                 CREATE OR REPLACE TEMP TABLE dk_jobs AS
                 SELECT {_REASON} AS reason, {grouped}, count(*) AS n,
-                       sum({self._bytes_expr(value_cols)}) AS b
+                       {self._bytes_agg(value_cols)} AS b
                 FROM checked GROUP BY ALL
                 """
             )
