@@ -449,3 +449,20 @@ def test_two_parquet_groups_keep_exact_time(tmp_path: Path) -> None:
     got = sorted(frame["ts"].cast(pl.Int64).to_list())
     assert got == sorted([r["ts"] for r in rows] + [r["ts"] for r in us_rows])
     assert any(r["ts"] % 1000 for r in rows)  # nanoseconds were there to lose
+
+
+def test_columns_named_like_the_sort_helpers_are_read(tmp_path: Path) -> None:
+    """Columns called k0, fid or h do not clash with the sort's own columns."""
+    named = dk.App("helpers", version="1")
+    named.columns(k0=dk.Text(), fid=dk.Int(), h=dk.Int())
+    named.key("k0")
+    path = tmp_path / "in.parquet"
+    pq.write_table(
+        pa.table({"k0": ["b", "a", "b", "a"], "fid": [1, 2, 3, 4], "h": [10, 20, 30, 40]}),
+        path,
+    )
+    with InputReader([path], named, work_dir=tmp_path) as reader:
+        frame = sorted_rows(reader, ("fid", "h"))
+    by_key = {k: frame.filter(pl.col("k0") == k)["fid"].to_list() for k in ("a", "b")}
+    assert by_key == {"a": [2, 4], "b": [1, 3]}
+    assert frame["h"].to_list() == [f * 10 for f in frame["fid"].to_list()]

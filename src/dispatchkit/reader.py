@@ -107,9 +107,10 @@ VALUE_TYPES: Final[dict[type[Column], pa.DataType]] = {
     Timestamp: pa.timestamp("ns", tz="UTC"),
 }
 
-# Columns of the ``checked`` view that are not declared columns (never clash with one:
-# a declared column is never named with a ``dk:`` or ``raw:`` prefix in the view).
-_FID, _ROW, _FILE, _REASON = '"dk:fid"', '"dk:row"', '"dk:file"', '"dk:reason"'
+# Columns of the ``checked`` view that are not declared columns. A declared column NAME is
+# in the view as ``dk:NAME`` (its value) and ``raw:NAME`` (its text), so these take a
+# ``dk.`` prefix: a column called fid or row would otherwise be the file id or the row.
+_FID, _ROW, _FILE, _REASON = '"dk.fid"', '"dk.row"', '"dk.file"', '"dk.reason"'
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -513,7 +514,7 @@ class InputReader:
         staged = self.work_dir / f"stage-{len(self._staged)}.parquet"
         self._staged.append(staged)
         stage_schema = pa.schema(
-            [("dk:fid", pa.int64()), ("dk:row", pa.int64()), ("dk:file", pa.string())]
+            [("dk.fid", pa.int64()), ("dk.row", pa.int64()), ("dk.file", pa.string())]
             + [(c, pa.string()) for c in columns]
         )
         opts = pacsv.ConvertOptions(
@@ -759,21 +760,25 @@ class InputReader:
         ks = [f"k{i}" for i in range(len(keys))]
         names = [quote(n) for n in self.keyspec.names]
         mask = self.buckets - 1
-        rows = [f"{k} AS {n}" for k, n in zip(keys, ks, strict=True)]
+        # The rows' key values are named dk.k0, ... beside the requested columns (which
+        # keep their declared names); dk_keys names them k0, ...
+        rk = [quote("dk." + k) for k in ks]
+        rows = [f"{k} AS {n}" for k, n in zip(keys, rk, strict=True)]
         rows += [f"{alias(c)} AS {quote(c)}" for c in value_cols]
-        rows += [f"{_FID} AS fid", f"{_ROW} AS row"]
+        rows += [_FID, _ROW]
         select = [f"CAST(k.h & {mask} AS INTEGER) AS bucket"]
-        select += [f"r.{k} AS {n}" for k, n in zip(ks, names, strict=True)]
+        select += [f"r.{k} AS {n}" for k, n in zip(rk, names, strict=True)]
         select += [f"r.{quote(c)}" for c in value_cols]
+        on = " AND ".join(f"r.{a} = k.{b}" for a, b in zip(rk, ks, strict=True))
         if self._hash_sort:
-            order = f"((k.h & {mask}) << 56) | (k.h >> 8), r.fid, r.row"
+            order = f"((k.h & {mask}) << 56) | (k.h >> 8), r.{_FID}, r.{_ROW}"
         else:
-            order = f"bucket, {', '.join(f'r.{k}' for k in ks)}, r.fid, r.row"
+            order = f"bucket, {', '.join(f'r.{k}' for k in rk)}, r.{_FID}, r.{_ROW}"
         try:
             reader: Any = self._con.sql(
                 f"SELECT {', '.join(select)} FROM "
                 f"(SELECT {', '.join(rows)} FROM checked WHERE {_REASON} IS NULL) r "
-                f"JOIN dk_keys k USING ({', '.join(ks)}) ORDER BY {order}"
+                f"JOIN dk_keys k ON {on} ORDER BY {order}"
             ).to_arrow_reader(rows_per_batch)  # sorted: insertion order is kept
         except duckdb.Error as exc:
             raise InputError(f"cannot read input: {_short(exc)}") from None
