@@ -164,3 +164,56 @@ def test_rows_carry_only_what_the_task_reads(tmp_path: Path) -> None:
             task="positive-rate",
             max_message_bytes=10,
         )
+
+
+def test_the_reader_falls_back_to_sorting_by_key_values(
+    small_parquet: Path, tmp_path: Path
+) -> None:
+    """Should two keys share a hash, the reader sorts by their values: the same jobs."""
+    with InputReader([small_parquet], covid, spill_dir=tmp_path) as reader:
+        reader.counts()
+        assert reader._hash_sort  # every key has its own hash here
+        reader._hash_sort = False  # as if two keys had the same h >> 8
+        d = Dispatcher(reader, app=covid, run_id="run-a", task="positive-rate")
+        fallback = as_frame(list(d.messages())).sort("country", "date_hour")
+    hashed = as_frame(cut(small_parquet, tmp_path)[0]).sort("country", "date_hour")
+    assert fallback.equals(hashed)
+
+
+class _Rows:
+    """A row source yielding given batches as the reader would."""
+
+    def __init__(self, batches: list[pa.RecordBatch]) -> None:
+        self.batches = batches
+
+    def sorted_valid(self, columns: object) -> list[pa.RecordBatch]:
+        return self.batches
+
+
+def _batch(bucket: int, countries: list[str]) -> pa.RecordBatch:
+    n = len(countries)
+    hour = pa.array([1583038800 * 10**6] * n, pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+    return pa.RecordBatch.from_arrays(
+        [pa.array([bucket] * n, pa.int32()), pa.array(countries), hour, pa.array([True] * n)],
+        names=["bucket", "country", "date_hour", "result"],
+    )
+
+
+@pytest.mark.parametrize(
+    "batches",
+    [
+        [_batch(3, ["Italy", "Spain", "Italy", "Chile"])],  # a key comes back in a batch
+        [_batch(3, ["Italy", "Spain"]), _batch(3, ["Italy", "Chile"])],  # in the next one
+    ],
+)
+def test_a_key_whose_rows_are_not_together_is_refused(batches: list[pa.RecordBatch]) -> None:
+    d = Dispatcher(_Rows(batches), app=covid, run_id="run-a", task="positive-rate")
+    with pytest.raises(RunError, match=r"internal check failed: the rows of job .*Italy"):
+        list(d.messages())
+
+
+def test_rows_out_of_bucket_order_are_refused() -> None:
+    batches = [_batch(5, ["Italy"]), _batch(2, ["Spain"]), _batch(2, ["Chile"])]
+    d = Dispatcher(_Rows(batches), app=covid, run_id="run-a", task="positive-rate")
+    with pytest.raises(RunError, match="not sorted by bucket"):
+        list(d.messages())

@@ -226,6 +226,12 @@ def md5_bucket(store: int, day_us: int, buckets: int = NBUCKETS) -> int:
     return int.from_bytes(digest, "little") % buckets
 
 
+def md5_order(store: int, day_us: int, buckets: int) -> int:
+    """Where a key's rows come in the reader's order: its bucket, then ``h >> 8``."""
+    h = int.from_bytes(hashlib.md5(f"{store}\x1f{day_us}".encode()).digest()[:8], "little")
+    return (h % buckets) << 56 | h >> 8
+
+
 def row_bytes(v: Row) -> int:
     """The reader's estimate of a valid row's default read columns (all but store)."""
     return 8 + 8 + 8 + (len(v["channel"].encode()) + 4) + 1  # seq, ts, amount, channel, returned
@@ -352,7 +358,7 @@ def test_sorted_rows_are_typed_bucketed_and_contiguous(
         ).to_dicts()
         want = sorted(
             good,
-            key=lambda v: (md5_bucket(v["store"], v["day"], nb), v["store"], v["day"], v["seq"]),
+            key=lambda v: (md5_order(v["store"], v["day"], nb), v["seq"]),
         )
         # Within a job the rows keep the input order (seq rises with the row number).
         assert [r["seq"] for r in got] == [v["seq"] for v in want]
@@ -443,3 +449,20 @@ def test_two_parquet_groups_keep_exact_time(tmp_path: Path) -> None:
     got = sorted(frame["ts"].cast(pl.Int64).to_list())
     assert got == sorted([r["ts"] for r in rows] + [r["ts"] for r in us_rows])
     assert any(r["ts"] % 1000 for r in rows)  # nanoseconds were there to lose
+
+
+def test_columns_named_like_the_sort_helpers_are_read(tmp_path: Path) -> None:
+    """Columns called k0, fid or h do not clash with the sort's own columns."""
+    named = dk.App("helpers", version="1")
+    named.columns(k0=dk.Text(), fid=dk.Int(), h=dk.Int())
+    named.key("k0")
+    path = tmp_path / "in.parquet"
+    pq.write_table(
+        pa.table({"k0": ["b", "a", "b", "a"], "fid": [1, 2, 3, 4], "h": [10, 20, 30, 40]}),
+        path,
+    )
+    with InputReader([path], named, work_dir=tmp_path) as reader:
+        frame = sorted_rows(reader, ("fid", "h"))
+    by_key = {k: frame.filter(pl.col("k0") == k)["fid"].to_list() for k in ("a", "b")}
+    assert by_key == {"a": [2, 4], "b": [1, 3]}
+    assert frame["h"].to_list() == [f * 10 for f in frame["fid"].to_list()]

@@ -40,8 +40,8 @@ from typing import Any, ClassVar, Final
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from dispatchkit import arrays
 from dispatchkit.errors import TaskError, UsageError
 from dispatchkit.keys import Floor, KeySpec, epoch_us, floor
 
@@ -289,7 +289,7 @@ class Jobs:
         if groups:
             rows = pa.concat_tables([r for _, r in groups])
         elif rows_schema is not None:
-            rows = rows_schema.empty_table()
+            rows = arrays.empty_table(rows_schema)
         else:
             rows = pa.table({})
         sizes = [r.num_rows for _, r in groups]
@@ -483,7 +483,7 @@ class Task:
 
             return pl.from_arrow(rows)
         if self.format == "numpy":
-            return {c: rows.column(c).to_numpy() for c in rows.column_names}
+            return {c: arrays.to_numpy(rows.column(c)) for c in rows.column_names}
         return rows
 
     def run_one(self, key: dict[str, Any], rows: pa.Table) -> dict[str, Any]:
@@ -505,24 +505,24 @@ class Task:
             out = pa.Table.from_batches([out])
         if isinstance(out, Mapping):
             self._check_names(out.keys(), "result")
-            arrays = {}
+            columns = {}
             for name in self.result.names:
                 values = out[name]
                 try:
-                    arrays[name] = (
+                    columns[name] = (
                         values
                         if isinstance(values, pa.Array | pa.ChunkedArray)
-                        else pa.array(values)
+                        else _to_arrow(values)
                     )
                 except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
                     raise self._fail(
                         f"column {name} ({self.result.field(name).type} in the result schema) "
                         f"cannot be made an Arrow array ({str(exc).splitlines()[0]})"
                     ) from None
-            lengths = {len(a) for a in arrays.values()}
+            lengths = {len(a) for a in columns.values()}
             if len(lengths) > 1:
                 raise self._fail("vectorized form returned columns of different lengths")
-            out = pa.table(arrays)
+            out = pa.table(columns)
         if not isinstance(out, pa.Table):
             raise self._fail(
                 f"vectorized form returned {type(out).__name__}; expected a dict of columns "
@@ -630,6 +630,8 @@ class Task:
                         f"column {f.name} is {f.type} in the {what} schema, but the task "
                         f"returned {col.type}"
                     )
+                import pyarrow.compute as pc  # here: a worker need not import it
+
                 try:
                     col = pc.cast(col, f.type, safe=True)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
@@ -666,6 +668,14 @@ class Task:
 
 
 # -- the app ----------------------------------------------------------------------------
+
+
+def _to_arrow(values: object) -> pa.Array:
+    """A vectorized task's result column as Arrow: a 1-d NumPy array of numbers or
+    booleans from its buffer (no pandas import), anything else by ``pa.array``."""
+    if isinstance(values, np.ndarray) and values.ndim == 1 and values.dtype.kind in "biuf":
+        return arrays.from_numpy(values)
+    return pa.array(values)
 
 
 def _source(fn: Callable[..., Any]) -> str:

@@ -25,6 +25,7 @@ the run (embedded or Kafka) publishes, and jobs already done can be skipped for 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -35,7 +36,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dispatchkit import metrics, wire
+from dispatchkit import arrays, metrics, wire
 from dispatchkit.app import App, Task
 from dispatchkit.errors import RunError, UsageError
 from dispatchkit.keys import job_ids, key_text
@@ -110,6 +111,8 @@ class Dispatcher:
         self._capacity: float | None = None
         self._split_sent: set[str] = set()
         self._meter = metrics.DispatchMeter(app.name, self.task.name)
+        self._bucket = -1  # the bucket cut last, and the ids of its jobs cut so far
+        self._bucket_ids: set[str] = set()
 
     def capacity(self, schema: pa.Schema) -> float:
         """Bytes of rows and entries one message may carry under the budget."""
@@ -123,7 +126,7 @@ class Dispatcher:
                 key_names=self.key_names,
                 key_types=self.key_types,
                 jobs=[],
-                table=pa.RecordBatch.from_pylist([], schema=schema),
+                table=arrays.empty_batch(schema),
                 compression=self.compression,
             )
             fixed = len(head) + 16 + wire.body_overhead(schema, self.compression)
@@ -148,6 +151,7 @@ class Dispatcher:
         number of rows cut from each record batch.
         """
         columns = [BUCKET, *self.key_names, *self.task.reads]
+        self._bucket, self._bucket_ids = -1, set()
         carry: pa.Table | None = None
         for batch in self.reader.sorted_valid(self.task.reads):
             if batch.num_rows == 0:
@@ -166,6 +170,37 @@ class Dispatcher:
         if carry is not None and carry.num_rows:
             yield from self._cut(carry, np.zeros(1, np.int64), skip, skip_parts)
 
+    def _check_contiguous(
+        self,
+        buckets: npt.NDArray[np.int64],
+        ids: list[str],
+        keys: list[tuple[wire.KeyValue, ...]],
+    ) -> None:
+        """Internal check: buckets never go back, and no job is cut twice in its bucket.
+
+        The reader sorts by bucket, then key; a key whose rows were not together would
+        be cut into two jobs of one id, and one of them would overwrite the other.
+        """
+        if buckets.size == 0:
+            return
+        if buckets[0] < self._bucket or np.any(np.diff(buckets) < 0):
+            raise RunError("internal check failed: the reader's rows are not sorted by bucket")
+        bounds = [0, *(np.flatnonzero(np.diff(buckets)) + 1).tolist(), len(ids)]
+        for a, b in itertools.pairwise(bounds):
+            if int(buckets[a]) != self._bucket:
+                self._bucket, self._bucket_ids = int(buckets[a]), set()
+            fresh = set(ids[a:b])
+            if len(fresh) != b - a or not self._bucket_ids.isdisjoint(fresh):
+                seen = set(self._bucket_ids)
+                for i in range(a, b):
+                    if ids[i] in seen:
+                        raise RunError(
+                            f"internal check failed: the rows of job {self._text(keys[i])} "
+                            "are not together in the reader's order"
+                        )
+                    seen.add(ids[i])
+            self._bucket_ids |= fresh
+
     def _cut(
         self,
         table: pa.Table,
@@ -178,10 +213,12 @@ class Dispatcher:
         n = table.num_rows
         offsets = np.append(starts, n).astype(np.int64)
         lengths = np.diff(offsets)
-        key_rows = table.select(self.key_names).take(pa.array(starts))
+        first_rows = arrays.from_numpy(starts, pa.int64())
+        key_rows = table.select(self.key_names).take(first_rows)
         _, _, keys = wire.key_lists(key_rows)
-        buckets = table.column(BUCKET).take(pa.array(starts)).to_numpy()
+        buckets = arrays.to_numpy(table.column(BUCKET).take(first_rows))
         ids = job_ids(self.run_id, self.app.name, self.task.name, keys)
+        self._check_contiguous(buckets, ids, keys)
         stats.jobs += len(ids)
         stats.rows_cut += n
         keep = np.fromiter((i not in skip for i in ids), dtype=np.bool_, count=len(ids))
@@ -190,7 +227,7 @@ class Dispatcher:
             return
         if not keep.all():  # drop the rows of skipped jobs
             rows = np.repeat(keep, lengths)
-            table = table.filter(pa.array(rows))
+            table = table.filter(arrays.from_numpy(rows, pa.bool_()))
             ids = [i for i, k in zip(ids, keep.tolist(), strict=True) if k]
             keys = [k for k, kk in zip(keys, keep.tolist(), strict=True) if kk]
             buckets = buckets[keep]
@@ -316,7 +353,7 @@ class Dispatcher:
         for i, v in enumerate(keys[0]):
             if isinstance(v, str):
                 if key_rows is not None:
-                    lengths = pc.binary_length(key_rows.column(i)).to_numpy(zero_copy_only=False)
+                    lengths = arrays.to_numpy(pc.binary_length(key_rows.column(i)))
                 else:
                     lengths = np.array([len(str(k[i]).encode()) for k in keys])
                 cost += np.asarray(lengths, dtype=np.float64) + 4
@@ -357,5 +394,5 @@ def _job_starts(table: pa.Table, names: Sequence[str]) -> npt.NDArray[np.int64]:
             if col.null_count:
                 raise RunError(f"internal check failed: a null in key column {name}")
             diff = pc.not_equal(col.slice(1), col.slice(0, n - 1))
-            change[1:] |= np.asarray(diff.to_numpy(zero_copy_only=False), dtype=np.bool_)
+            change[1:] |= arrays.to_numpy(diff)
     return np.flatnonzero(change).astype(np.int64)

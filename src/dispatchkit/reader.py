@@ -12,7 +12,7 @@ of the first rule it fails (:mod:`dispatchkit.rules`). Queries over that view gi
 2. :meth:`InputReader.write_quarantine`: the bad rows, to ``quarantine.parquet`` and
    ``quarantine.csv``;
 3. :meth:`InputReader.sorted_valid`: the valid rows with their ``bucket`` and key columns
-   and the columns a task reads, sorted by ``(bucket, key)``, streamed back in Arrow
+   and the columns a task reads, sorted by bucket, then key, streamed back in Arrow
    record batches.
 
 ``bucket`` is a hash of the key, the same in every process, machine and DuckDB
@@ -22,6 +22,15 @@ unsigned little-endian 128-bit integer, modulo the run's bucket count (see
 :func:`key_bucket`): :func:`bucket_count` of its jobs, about :data:`JOBS_PER_BUCKET`
 jobs a bucket, a power of two up to :data:`NBUCKETS`. A small run so gets few messages,
 a big one spreads over many partitions; a given input always gets the same count.
+
+The digest is computed once per key, not per row: the counting pass keeps the valid keys
+in a table (``dk_keys``) with the digest's first 8 bytes as an unsigned little-endian
+integer ``h`` (so ``h mod buckets`` is the bucket). The sort joins each row to its key
+and orders by one integer, ``bucket << 56 | h >> 8``, then file and row: a bucket's keys
+come in the order of their hash, each key's rows together and in input order. That
+needs every key to have its own ``h >> 8``, which the counting pass checks; should two
+keys of a run share one (a chance of about one in 10^7 at 100,000 keys) the sort falls
+back to ordering by bucket, the key's values, file and row.
 
 Memory stays bounded because DuckDB sorts out of core: it is given a memory limit and a
 spill directory, and we only ever hold one record batch in Python. Input size changes
@@ -98,9 +107,10 @@ VALUE_TYPES: Final[dict[type[Column], pa.DataType]] = {
     Timestamp: pa.timestamp("ns", tz="UTC"),
 }
 
-# Columns of the ``checked`` view that are not declared columns (never clash with one:
-# a declared column is never named with a ``dk:`` or ``raw:`` prefix in the view).
-_FID, _ROW, _FILE, _REASON = '"dk:fid"', '"dk:row"', '"dk:file"', '"dk:reason"'
+# Columns of the ``checked`` view that are not declared columns. A declared column NAME is
+# in the view as ``dk:NAME`` (its value) and ``raw:NAME`` (its text), so these take a
+# ``dk.`` prefix: a column called fid or row would otherwise be the file id or the row.
+_FID, _ROW, _FILE, _REASON = '"dk.fid"', '"dk.row"', '"dk.file"', '"dk.reason"'
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -350,6 +360,7 @@ class InputReader:
         self._staged: list[Path] = []
         self._reasons: dict[str, tuple[str, str]] = {}
         self._counts: dict[tuple[str, ...], RowCounts] = {}
+        self._hash_sort = False  # every valid key has its own h >> 8 (see counts())
         self.con: duckdb.DuckDBPyConnection | None = None
         try:
             self.con = duckdb.connect(
@@ -503,7 +514,7 @@ class InputReader:
         staged = self.work_dir / f"stage-{len(self._staged)}.parquet"
         self._staged.append(staged)
         stage_schema = pa.schema(
-            [("dk:fid", pa.int64()), ("dk:row", pa.int64()), ("dk:file", pa.string())]
+            [("dk.fid", pa.int64()), ("dk.row", pa.int64()), ("dk.file", pa.string())]
             + [(c, pa.string()) for c in columns]
         )
         opts = pacsv.ConvertOptions(
@@ -556,12 +567,12 @@ class InputReader:
         """The run's bucket count (:func:`bucket_count` of its jobs)."""
         return bucket_count(self.counts().jobs)
 
-    def _bucket_expr(self, keys: Sequence[str]) -> str:
+    @staticmethod
+    def _hash_expr(keys: Sequence[str]) -> str:
+        """SQL of a key's hash ``h`` (UBIGINT): the first 8 bytes of the MD5 digest of
+        its values as text, little-endian, i.e. the low 64 bits of ``md5_number``."""
         text = f" || {literal(KEY_SEPARATOR)} || ".join(f"CAST({k} AS VARCHAR)" for k in keys)
-        # md5_number % NBUCKETS as its low bits: a power of two, so the same for an
-        # unsigned or a signed (two's complement) md5_number, and far faster than ``%``
-        # on a 128-bit integer.
-        return f"CAST(md5_number({text}) & {self.buckets - 1} AS INTEGER)"
+        return f"CAST(md5_number({text}) & {2**64 - 1} AS UBIGINT)"
 
     def _value_columns(self, columns: Sequence[str] | None) -> list[str]:
         """The requested columns that are not key columns (default: the non-key columns)."""
@@ -582,17 +593,23 @@ class InputReader:
                 out.append(c)
         return out
 
-    def _bytes_expr(self, columns: Sequence[str]) -> str:
-        terms = []
+    def _bytes_agg(self, columns: Sequence[str]) -> str:
+        """SQL aggregate of a group's estimated bytes (see :class:`RowCounts`).
+
+        Fixed-width columns count as the row count times their width, so only text
+        columns are summed row by row.
+        """
+        fixed, texts = 0, []
         for c in columns:
             rule = self.app.input_columns[c]
             if isinstance(rule, Text):
-                terms.append(f"(coalesce(strlen({alias(c)}), 0) + 4)")
-            elif isinstance(rule, Bool):
-                terms.append("1")
+                texts.append(f"(coalesce(strlen({alias(c)}), 0) + 4)")
             else:
-                terms.append("8")
-        return f"CAST({' + '.join(terms)} AS BIGINT)" if terms else "CAST(0 AS BIGINT)"
+                fixed += 1 if isinstance(rule, Bool) else 8
+        agg = f"count(*) * {fixed}"
+        if texts:
+            agg += f" + sum({' + '.join(texts)})"
+        return f"CAST({agg} AS BIGINT)"
 
     def _key_values(self, values: Sequence[object]) -> dict[str, Any]:
         key: dict[str, Any] = {}
@@ -633,13 +650,22 @@ class InputReader:
                 f"""
                 CREATE OR REPLACE TEMP TABLE dk_jobs AS
                 SELECT {_REASON} AS reason, {grouped}, count(*) AS n,
-                       sum({self._bytes_expr(value_cols)}) AS b
+                       {self._bytes_agg(value_cols)} AS b
                 FROM checked GROUP BY ALL
                 """
             )
             by_reason = self._con.execute(
                 "SELECT coalesce(reason, ''), sum(n), count(*) FROM dk_jobs GROUP BY 1"
             ).fetchall()
+            # The valid keys and their hash, for the sort (see the module's docstring).
+            self._con.execute(
+                f"CREATE OR REPLACE TEMP TABLE dk_keys AS SELECT {', '.join(ks)}, "
+                f"{self._hash_expr(ks)} AS h FROM dk_jobs WHERE reason IS NULL"
+            )
+            distinct = self._con.execute(
+                "SELECT count(*), count(DISTINCT h >> 8) FROM dk_keys"
+            ).fetchall()
+            self._hash_sort = bool(distinct) and distinct[0][0] == distinct[0][1]
             largest = self._con.execute(
                 f"SELECT n, b, {', '.join(ks)} FROM dk_jobs WHERE reason IS NULL "
                 f"ORDER BY b DESC, n DESC, {', '.join(ks)} LIMIT 1"
@@ -720,23 +746,39 @@ class InputReader:
     def sorted_valid(
         self, columns: Sequence[str] | None = None, rows_per_batch: int = 262_144
     ) -> Iterator[pa.RecordBatch]:
-        """The valid rows in Arrow batches of :meth:`batch_schema`, sorted by (bucket, key).
+        """The valid rows in Arrow batches of :meth:`batch_schema`, sorted by bucket.
 
         Each batch has ``bucket`` (int32), the key columns in the key's Arrow types, and
         the requested non-key ``columns`` normalized (default: every column not in the
-        key as is). A job's rows are contiguous, in input order (file, then row).
+        key as is). Within a bucket, keys come in the order of their hash (see the
+        module's docstring); a job's rows are contiguous, in input order (file, then row).
         """
         value_cols = self._value_columns(columns)
         schema = self.batch_schema(value_cols)
+        self.counts()  # the keys table and the bucket count
         keys = self._key_exprs()
+        ks = [f"k{i}" for i in range(len(keys))]
         names = [quote(n) for n in self.keyspec.names]
-        select = [f"{self._bucket_expr(keys)} AS bucket"]
-        select += [f"{k} AS {n}" for k, n in zip(keys, names, strict=True)]
-        select += [f"{alias(c)} AS {quote(c)}" for c in value_cols]
+        mask = self.buckets - 1
+        # The rows' key values are named dk.k0, ... beside the requested columns (which
+        # keep their declared names); dk_keys names them k0, ...
+        rk = [quote("dk." + k) for k in ks]
+        rows = [f"{k} AS {n}" for k, n in zip(keys, rk, strict=True)]
+        rows += [f"{alias(c)} AS {quote(c)}" for c in value_cols]
+        rows += [_FID, _ROW]
+        select = [f"CAST(k.h & {mask} AS INTEGER) AS bucket"]
+        select += [f"r.{k} AS {n}" for k, n in zip(rk, names, strict=True)]
+        select += [f"r.{quote(c)}" for c in value_cols]
+        on = " AND ".join(f"r.{a} = k.{b}" for a, b in zip(rk, ks, strict=True))
+        if self._hash_sort:
+            order = f"((k.h & {mask}) << 56) | (k.h >> 8), r.{_FID}, r.{_ROW}"
+        else:
+            order = f"bucket, {', '.join(f'r.{k}' for k in rk)}, r.{_FID}, r.{_ROW}"
         try:
             reader: Any = self._con.sql(
-                f"SELECT {', '.join(select)} FROM checked WHERE {_REASON} IS NULL "
-                f"ORDER BY bucket, {', '.join(names)}, {_FID}, {_ROW}"
+                f"SELECT {', '.join(select)} FROM "
+                f"(SELECT {', '.join(rows)} FROM checked WHERE {_REASON} IS NULL) r "
+                f"JOIN dk_keys k ON {on} ORDER BY {order}"
             ).to_arrow_reader(rows_per_batch)  # sorted: insertion order is kept
         except duckdb.Error as exc:
             raise InputError(f"cannot read input: {_short(exc)}") from None

@@ -33,8 +33,8 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
+from dispatchkit import arrays, wire
 from dispatchkit import identity as ids
-from dispatchkit import wire
 from dispatchkit.app import App, Task
 from dispatchkit.errors import RunError, StoreError
 
@@ -257,7 +257,7 @@ class ResultStore:
     def _use(self, run_id: str, app: App, task: Task) -> Layout:
         """The run's parts table, created if it does not exist yet."""
         layout = Layout.of(app, task)
-        empty = layout.schema.empty_table()
+        empty = arrays.empty_table(layout.schema)
         self.con.register("layout_probe", empty)
         try:
             types = self.con.execute("DESCRIBE SELECT * FROM layout_probe").fetchall()
@@ -296,23 +296,23 @@ class ResultStore:
         layout = self.layout(msg.run_id)
         body = msg.table
         columns: dict[str, pa.Array] = {
-            "run_id": pa.array([msg.run_id] * n, pa.string()),
-            "job_id": pa.array([e.job_id for e in msg.results], pa.string()),
-            "part": pa.array([e.part for e in msg.results], pa.int32()),
-            "parts": pa.array([e.parts for e in msg.results], pa.int32()),
-            "state": pa.array([e.state for e in msg.results], pa.bool_()),
-            "worker": pa.array([msg.worker] * n, pa.string()),
-            "stored_at": pa.array([time.time()] * n, pa.float64()),
+            "run_id": arrays.repeat(msg.run_id, n, pa.string()),
+            "job_id": arrays.strings([e.job_id for e in msg.results]),
+            "part": arrays.array([e.part for e in msg.results], pa.int32()),
+            "parts": arrays.array([e.parts for e in msg.results], pa.int32()),
+            "state": arrays.array([e.state for e in msg.results], pa.bool_()),
+            "worker": arrays.repeat(msg.worker, n, pa.string()),
+            "stored_at": arrays.repeat(time.time(), n, pa.float64()),
         }
-        arrays = []
+        ordered = []
         for f in layout.schema:
             if f.name in columns:
-                arrays.append(columns[f.name])
+                ordered.append(columns[f.name])
             elif f.name in body.schema.names:
-                arrays.append(body.column(f.name).cast(f.type))
+                ordered.append(body.column(f.name).cast(f.type))
             else:  # e.g. no state columns in a message of whole jobs
-                arrays.append(pa.nulls(n, f.type))
-        self._buffer.append(pa.Table.from_arrays(arrays, schema=layout.schema))
+                ordered.append(pa.nulls(n, f.type))
+        self._buffer.append(pa.Table.from_arrays(ordered, schema=layout.schema))
         self._buffered += n
         return n
 

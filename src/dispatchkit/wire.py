@@ -38,8 +38,8 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from dispatchkit import arrays
 from dispatchkit.errors import DecodeError, UsageError
 from dispatchkit.message import MAX_DECODE_BYTES
 
@@ -155,7 +155,7 @@ def _one_batch(data: pa.Table | pa.RecordBatch) -> pa.RecordBatch:
         return data
     batches = data.combine_chunks().to_batches()
     if not batches:
-        return pa.RecordBatch.from_pylist([], schema=data.schema)
+        return arrays.empty_batch(data.schema)
     assert len(batches) == 1
     return batches[0]
 
@@ -190,6 +190,7 @@ def decode_body(body: bytes, *, full: bool = True) -> pa.RecordBatch:
         else:
             raise DecodeError("the body holds more than one record batch")
         batch.validate(full=full)
+        _ = batch.schema.names  # decoded from UTF-8 on access: damage shows here
     except StopIteration:
         raise DecodeError("the body holds no record batch") from None
     except DecodeError:
@@ -248,14 +249,11 @@ def keys_table(
 ) -> pa.Table:
     """Key values as the envelope carries them (one list per job) into a typed table."""
     columns = list(zip(*keys, strict=True)) if keys else [() for _ in names]
-    arrays = []
+    out = []
     for type_name, values in zip(types, columns, strict=True):
         arrow_type = KEY_TYPES[type_name]
-        if pa.types.is_timestamp(arrow_type):
-            arrays.append(pa.array(values, pa.int64()).cast(arrow_type))
-        else:
-            arrays.append(pa.array(values, arrow_type))
-    return pa.Table.from_arrays(arrays, names=list(names))
+        out.append(arrays.array(values, arrow_type))  # timestamps as epoch µs
+    return pa.Table.from_arrays(out, names=list(names))
 
 
 def key_lists(keys: pa.Table) -> tuple[list[str], list[str], list[tuple[KeyValue, ...]]]:
@@ -414,16 +412,16 @@ class ResultMessage:
     def _ids(self, rows: Sequence[int]) -> list[pa.Array]:
         entries = [self.results[i] for i in rows]
         return [
-            pa.array([e.job_id for e in entries], pa.string()),
-            pa.array([e.part for e in entries], pa.int64()),
-            pa.array([e.parts for e in entries], pa.int64()),
+            arrays.strings([e.job_id for e in entries]),
+            arrays.array([e.part for e in entries], pa.int64()),
+            arrays.array([e.parts for e in entries], pa.int64()),
         ]
 
     def _part(self, state: bool) -> pa.Table:
         rows = [i for i, e in enumerate(self.results) if e.state == state]
         names = self.table.schema.names
         keep = [n for n in names[len(self.key_names) :] if n.startswith(STATE_PREFIX) == state]
-        body = self.table.select([*self.key_names, *keep]).take(pa.array(rows, pa.int64()))
+        body = self.table.select([*self.key_names, *keep]).take(arrays.array(rows, pa.int64()))
         columns = [*self._ids(rows), *body.columns]
         out = [n.removeprefix(STATE_PREFIX) if state else n for n in keep]
         return pa.Table.from_arrays(
@@ -446,13 +444,22 @@ def _spread(table: pa.Table | None, mask: npt.NDArray[np.bool_], n: int) -> list
     if table.num_rows != int(mask.sum()):
         raise UsageError(f"{table.num_rows} rows given for {int(mask.sum())} result entries")
     table = table.combine_chunks()
-    if mask.all():
-        return [c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns]
-    index = pa.array(np.cumsum(mask) - 1, pa.int64(), mask=~mask)
+    if mask.all():  # the usual case: no import of pyarrow.compute in a worker
+        return [c.chunk(0) if c.num_chunks else pa.nulls(0, c.type) for c in table.columns]
+    index = pa.Array.from_buffers(
+        pa.int64(),
+        n,
+        [
+            pa.py_buffer(np.packbits(mask, bitorder="little")),
+            pa.py_buffer((np.cumsum(mask) - 1).astype(np.int64)),
+        ],
+    )
+    import pyarrow.compute as pc
+
     return (
         [pc.take(c, index).combine_chunks() for c in table.columns]
         if n
-        else [pa.array([], c.type) for c in table.columns]
+        else [pa.nulls(0, c.type) for c in table.columns]
     )
 
 
@@ -488,9 +495,9 @@ def encode_results(
     if states is None and state.any():
         raise UsageError("state entries given without a states table")
     keys = keys.combine_chunks()
-    arrays = [c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in keys.columns]
-    arrays += _spread(values, ~state, n) + _spread(states, state, n)
-    body = pa.RecordBatch.from_arrays(arrays, names=[*names, *value_names, *state_names])
+    columns = [c.chunk(0) if c.num_chunks else pa.nulls(0, c.type) for c in keys.columns]
+    columns += _spread(values, ~state, n) + _spread(states, state, n)
+    body = pa.RecordBatch.from_arrays(columns, names=[*names, *value_names, *state_names])
     return _encoder.encode(
         _Results(
             v=WIRE_VERSION,
@@ -551,6 +558,8 @@ _BUFFER_OVERHEAD: Final = 64
 
 def row_bytes(table: pa.Table | pa.RecordBatch) -> npt.NDArray[np.float64]:
     """An upper bound of each row's uncompressed body bytes, vectorized over columns."""
+    import pyarrow.compute as pc
+
     n = table.num_rows
     cost = np.zeros(n, dtype=np.float64)
     for column in table.columns:
@@ -560,10 +569,10 @@ def row_bytes(table: pa.Table | pa.RecordBatch) -> npt.NDArray[np.float64]:
             cost += 0.125
         elif pa.types.is_string(t) or pa.types.is_binary(t):
             lengths = pc.fill_null(pc.binary_length(column), 0)
-            cost += 4 + np.asarray(lengths.to_numpy(zero_copy_only=False), dtype=np.float64)
+            cost += 4 + arrays.to_numpy(lengths).astype(np.float64)
         elif pa.types.is_large_string(t) or pa.types.is_large_binary(t):
             lengths = pc.fill_null(pc.binary_length(column), 0)
-            cost += 8 + np.asarray(lengths.to_numpy(zero_copy_only=False), dtype=np.float64)
+            cost += 8 + arrays.to_numpy(lengths).astype(np.float64)
         elif _fixed(t):
             cost += t.bit_width / 8
         else:  # nested or other: the column's average, a bound only on average
@@ -580,7 +589,7 @@ def _fixed(t: pa.DataType) -> bool:
 
 def body_overhead(schema: pa.Schema, compression: Compression = "lz4") -> int:
     """Bytes of a body with no rows, plus the per-buffer allowance of a batch."""
-    empty = len(encode_body(pa.RecordBatch.from_pylist([], schema=schema), compression))
+    empty = len(encode_body(arrays.empty_batch(schema), compression))
     return empty + 3 * len(schema) * _BUFFER_OVERHEAD
 
 
@@ -815,7 +824,7 @@ def cut_jobs(
 
 def _entry_costs(job_ids: Sequence[str], keys: pa.Table) -> Int64Array:
     """An upper bound of each job entry's envelope bytes, vectorized over jobs."""
-    ids = pa.array(job_ids, pa.string())
+    ids = arrays.strings(job_ids)
     cost = entry_bytes(0, ()) + 5 + _lengths(ids)  # a str header is at most 5 bytes
     for column in keys.columns:
         if pa.types.is_string(column.type):
@@ -826,5 +835,7 @@ def _entry_costs(job_ids: Sequence[str], keys: pa.Table) -> Int64Array:
 
 
 def _lengths(column: pa.Array | pa.ChunkedArray) -> Int64Array:
+    import pyarrow.compute as pc
+
     lengths = pc.fill_null(pc.binary_length(column), 0).cast(pa.int64())
-    return np.asarray(lengths.to_numpy(zero_copy_only=False), dtype=np.int64)
+    return arrays.to_numpy(lengths).astype(np.int64)

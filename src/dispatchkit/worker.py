@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from dispatchkit import faults, logs, metrics, wire
+from dispatchkit import arrays, faults, logs, metrics, wire
 from dispatchkit.app import App, Jobs, ResultError, Task, load_app
 from dispatchkit.brokers.base import Delivery, JobSource, Rejection
 from dispatchkit.errors import DecodeError, DispatchkitError, MisdeployedError, TaskError
@@ -182,7 +182,7 @@ class Worker:
         else:
             values = pa.Table.from_pylist([outcome[i] for i in done], schema=task.result)
             states = None
-        done_keys = keys.take(pa.array(done, pa.int64()))
+        done_keys = keys.take(arrays.array(done, pa.int64()))
         return self._encode(msg, done, done_keys, values, states, failed, rows)
 
     def _encode(

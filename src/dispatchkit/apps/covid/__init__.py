@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 import dispatchkit as dk
 from dispatchkit.apps.covid.stats import wilson_arrays, wilson_interval
+from dispatchkit.arrays import to_numpy
 from dispatchkit.keys import key_text
 
 #: Accepted spellings of a result, compared after trimming and lower-casing.
@@ -53,8 +53,14 @@ app.key("country", dk.floor("test_datetime", "hour", name="date_hour"))
 Interval = Callable[[int, int, dict[str, Any]], tuple[float, float]]
 
 
+def _positives(rows: pa.Table) -> int:
+    import pyarrow.compute as pc  # here: the vectorized form does without it
+
+    return int(pc.sum(rows["result"]).as_py() or 0)
+
+
 def _counts(rows: pa.Table) -> dict[str, int]:
-    return {"tests": rows.num_rows, "positives": int(pc.sum(rows["result"]).as_py() or 0)}
+    return {"tests": rows.num_rows, "positives": _positives(rows)}
 
 
 def _rate(interval: Interval) -> Callable[[dict[str, Any], Mapping[str, Any]], dict[str, Any]]:
@@ -78,7 +84,7 @@ def _combine(interval: Interval) -> dk.Combine:
         create=lambda: {"tests": 0, "positives": 0},
         add=lambda s, rows: {
             "tests": s["tests"] + rows.num_rows,
-            "positives": s["positives"] + int(pc.sum(rows["result"]).as_py() or 0),
+            "positives": s["positives"] + _positives(rows),
         },
         merge=lambda a, b: {
             "tests": a["tests"] + b["tests"],
@@ -111,8 +117,7 @@ def positive_rate(key: dict[str, Any], rows: pa.Table) -> dict[str, Any]:
 @positive_rate.vectorized
 def positive_rate_jobs(jobs: dk.Jobs) -> dict[str, Any]:
     """All jobs of a message at once: a cumulative sum over the packed outcomes."""
-    res = jobs.rows["result"].combine_chunks() if jobs.rows.num_rows else pa.array([], pa.bool_())
-    flags = np.asarray(res.to_numpy(zero_copy_only=False), dtype=np.int64)
+    flags = to_numpy(jobs.rows["result"]).astype(np.int64)
     cum = np.concatenate(([0], np.cumsum(flags)))
     offsets = jobs.offsets
     positives = cum[offsets[1:]] - cum[offsets[:-1]]

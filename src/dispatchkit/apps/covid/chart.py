@@ -33,7 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator, PercentFormatter
+from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, PercentFormatter
 
 from dispatchkit.apps.covid.stats import wilson_arrays
 
@@ -144,8 +144,10 @@ def plot_report(results: pl.DataFrame, path: Path, *, title: str | None = None) 
             ax.vlines(x[alone], low[alone], high[alone], color=_BAND, alpha=0.55, lw=2.5, zorder=1)
             ax.plot(x[alone], rate[alone], "o", color=_LINE, markersize=2.5, zorder=3)
         overall = int(one["positives"].sum()) / int(one["tests"].sum())
-        ax.set_title(_short(country), loc="left", fontsize=10, fontweight="bold", pad=3)
-        ax.set_title(f"{overall:.1%} overall", loc="right", fontsize=8, color=_MUTED, pad=3)
+        # y given: matplotlib then skips placing titles above top tick labels (there are
+        # none), a third of the drawing time of twenty panels.
+        ax.set_title(_short(country), loc="left", fontsize=10, fontweight="bold", pad=3, y=1.0)
+        ax.set_title(f"{overall:.1%} overall", loc="right", fontsize=8, color=_MUTED, pad=3, y=1.0)
         _style_panel(ax)
 
     for j in range(len(countries), nrows * ncols):
@@ -165,6 +167,12 @@ def plot_report(results: pl.DataFrame, path: Path, *, title: str | None = None) 
     ref.set_ylim(0.0, top)
     ref.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0 if top >= 0.05 else 1))
     ref.yaxis.set_major_locator(MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]))
+    # The panels share both axes: place and label their ticks once, not once per panel.
+    for axis in (ref.xaxis, ref.yaxis):
+        locs = [float(v) for v in axis.get_majorticklocs()]
+        labels = axis.get_major_formatter().format_ticks(locs)
+        axis.set_major_locator(FixedLocator(locs))
+        axis.set_major_formatter(FixedFormatter(labels))
 
     total = int(daily["tests"].sum())
     span = f"{first:%d %b %Y} – {last:%d %b %Y}" if n_days > 1 else f"{first:%d %b %Y}"
@@ -324,7 +332,10 @@ def _panel_figure(nrows: int, ncols: int) -> tuple[Figure, list[Axes]]:
         wspace=_GAP_W / panel_w,
         hspace=_GAP_H / panel_h,
     )
-    return fig, [ax for row in grid for ax in row]
+    axes = [ax for row in grid for ax in row]
+    for ax in axes:  # the limits are set once for all (shared); no autoscaling per artist
+        ax.set_autoscale_on(False)
+    return fig, axes
 
 
 def _style_panel(ax: Axes) -> None:
