@@ -127,6 +127,8 @@ def _collect(
     manifest: Manifest | None = None
     dead: dict[str, str] = {}
     done = 0  # counted once the run is started in the store (its manifest read)
+    parts = parts_counted = 0  # job parts stored; how many there were when done was counted
+    counted_at, count_cost = float("-inf"), 0.0
     last_manifest_check = last_flush = last_dlq_check = float("-inf")
     last_progress = waiting_since = last_refresh = time.monotonic()
     said_waiting = False
@@ -147,8 +149,9 @@ def _collect(
             if seen is not None and manifest is None:
                 _start(store, run_id, seen, app, identity, inputs)
                 done = store.jobs_done(run_id)
+                parts = parts_counted = store.parts_stored(run_id)
                 bars.update("jobs", completed=done)
-                metrics.run_progress(jobs_done=done, parts_done=store.parts_stored(run_id))
+                metrics.run_progress(jobs_done=done, parts_done=parts)
             if seen is not None:
                 if manifest is None or seen.status != manifest.status:
                     log.info(
@@ -202,11 +205,23 @@ def _collect(
         if store.buffered and (
             store.buffered >= faults.flush_at(FLUSH_AT) or now - last_flush > 1.0
         ):
-            new_done = _flush(broker, store, run_id)
+            new_parts = _flush(broker, store, run_id)
             last_flush = now
-            if new_done != done:
+            if new_parts != parts:
                 last_progress = now
-            done = new_done
+            parts = new_parts
+        # Counting done jobs is a query over every stored part: made when every part may
+        # be in, when parts stop coming, and otherwise at most every few seconds (its
+        # own cost times 20), so a long run does not spend its time counting.
+        if parts != parts_counted and (
+            (manifest.status == "dispatched" and parts >= manifest.total_parts)
+            or now - last_progress > 1.0
+            or now - counted_at > max(2.0, 20 * count_cost)
+        ):
+            t0 = time.monotonic()
+            done, parts_counted = store.jobs_done(run_id), parts
+            count_cost, counted_at = time.monotonic() - t0, now
+            metrics.run_progress(jobs_done=done)
             bars.update("jobs", completed=done)
             if on_progress is not None:
                 on_progress(done, manifest.total_jobs)
@@ -223,7 +238,8 @@ def _collect(
             # Nothing more can arrive: what is buffered is the last of it.
             for message in broker.results(0.0):
                 store.add(message)
-            done = _flush(broker, store, run_id)
+            _flush(broker, store, run_id)
+            done = store.jobs_done(run_id)
             dead = broker.dead_jobs(run_id)
             status = "complete" if done == manifest.total_jobs else "incomplete"
             break
@@ -301,14 +317,14 @@ def _start(
 
 def _flush(broker: Broker, store: ResultStore, run_id: str) -> int:
     """The results and the positions they were read up to, in one transaction; the
-    transport is told once they are stored. Returns the run's jobs done."""
-    metrics.parts_stored(store.flush(broker.positions()))
+    transport is told once they are stored. Returns the run's job parts stored."""
+    store.flush(broker.positions())
     faults.crash_point("run.after_flush")
     faults.crash_point("collector.after_store")
     broker.commit_results()
-    done = store.jobs_done(run_id)
-    metrics.run_progress(jobs_done=done)
-    return done
+    parts = store.parts_stored(run_id)
+    metrics.run_progress(parts_done=parts)
+    return parts
 
 
 def check_app(run_id: str, manifest: Manifest, app: App) -> None:

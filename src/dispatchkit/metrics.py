@@ -293,10 +293,6 @@ def run_progress(
         RUN_PARTS.labels("total").set(parts_total)
 
 
-def parts_stored(new: int) -> None:
-    RUN_PARTS.labels("done").inc(new)
-
-
 class LagProbe:
     """Sets the consumer-lag gauge from ``lag()`` at most every ``every`` seconds."""
 
