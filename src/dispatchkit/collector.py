@@ -267,6 +267,7 @@ def _collect(
             break
     store.flush(broker.positions())
     bars.update("jobs", completed=done)
+    metrics.run_progress(jobs_done=done)
     log.info(
         "collected: %s, %d of %d jobs done, %d dead-lettered",
         status,
