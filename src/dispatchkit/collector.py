@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING
 from dispatchkit import faults, logs, metrics
 from dispatchkit.app import App
 from dispatchkit.brokers.base import Broker
+from dispatchkit.charting import ChartProcess
 from dispatchkit.errors import BrokerError, FatalBrokerError, RunError
 from dispatchkit.identity import check_identity
 from dispatchkit.message import Manifest
-from dispatchkit.outcome import mark_chart, missing_lines
+from dispatchkit.outcome import missing_lines
 from dispatchkit.progress import NoProgress, Progress
 from dispatchkit.store import ResultStore, write_results
 from dispatchkit.summary import RunSummary
@@ -356,8 +357,13 @@ def conclude(
     *,
     report: bool,
     summary: RunSummary,
+    charts: ChartProcess | None = None,
 ) -> None:
-    """Export the results (and chart), list the dead-lettered jobs, record the status."""
+    """Export the results (and chart), list the dead-lettered jobs, record the status.
+
+    ``charts``, a chart process started with the run, draws the chart while the CSV is
+    written; without one the chart is drawn in this process.
+    """
     manifest = collected.manifest
     run_id = manifest.run_id
     summary.jobs = manifest.total_jobs
@@ -365,7 +371,7 @@ def conclude(
     if collected.dead:  # before the export: an incomplete run's chart names them
         done = store.done_jobs(run_id)
         summary.failed_jobs = sorted(why for job, why in collected.dead.items() if job not in done)
-    export(store, run_id, app, out, report=report, summary=summary)
+    export(store, run_id, app, out, report=report, summary=summary, charts=charts)
     if summary.failed_jobs:
         summary.files["dead_letters.csv"] = write_dead_letters(summary.failed_jobs, out)
     if collected.status == "timed out":
@@ -384,25 +390,43 @@ def conclude(
 
 
 def export(
-    store: ResultStore, run_id: str, app: App, out: Path, *, report: bool, summary: RunSummary
+    store: ResultStore,
+    run_id: str,
+    app: App,
+    out: Path,
+    *,
+    report: bool,
+    summary: RunSummary,
+    charts: ChartProcess | None = None,
 ) -> None:
     """Export results.parquet/csv, and the app's chart as report.png, from the store."""
+    from dispatchkit.outdir import atomic_path
+
     t0 = time.perf_counter()
     results = store.results(run_id)
-    pq_path, csv_path = write_results(results, out)
-    summary.files["results.parquet"] = pq_path
-    summary.files["results.csv"] = csv_path
     summary.jobs_done = results.height
     if report and results.height and app.chart_fn is not None:
-        from dispatchkit.outdir import atomic_path
-
         path = out / "report.png"
+        # an incomplete run's chart names what is missing (never passes for the whole)
+        banner = (
+            missing_lines(summary.jobs, summary.jobs_done, summary.failed_jobs)
+            if summary.jobs_done < summary.jobs
+            else []
+        )
+        out.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
-            app.chart_fn(results.to_arrow(), tmp)
-            if summary.jobs_done < summary.jobs:  # never passes for the whole picture
-                mark_chart(tmp, missing_lines(summary.jobs, summary.jobs_done, summary.failed_jobs))
+            table = results.to_arrow()
+            drawing = (charts or ChartProcess(app, None)).submit(table, tmp, banner)
+            try:
+                pq_path, csv_path = write_results(results, out)
+            finally:
+                drawing.wait()  # before the temp file may be removed
         summary.files["report.png"] = path
-    elif report and app.chart_fn is None:
+    else:
+        pq_path, csv_path = write_results(results, out)
+    summary.files["results.parquet"] = pq_path
+    summary.files["results.csv"] = csv_path
+    if report and app.chart_fn is None:
         summary.notes.append(
             f"no report.png: app {app.name!r} declares no chart (@app.chart); "
             "results.parquet and results.csv hold its results"

@@ -40,6 +40,7 @@ from dispatchkit import arrays, metrics, wire
 from dispatchkit.app import App, Task
 from dispatchkit.errors import RunError, UsageError
 from dispatchkit.keys import job_ids, key_text
+from dispatchkit.prefetch import prefetched
 
 #: Kafka's default message limit is 1 MB; leave room for the headers.
 DEFAULT_MAX_MESSAGE_BYTES = wire.DEFAULT_MAX_MESSAGE_BYTES
@@ -153,7 +154,8 @@ class Dispatcher:
         columns = [BUCKET, *self.key_names, *self.task.reads]
         self._bucket, self._bucket_ids = -1, set()
         carry: pa.Table | None = None
-        for batch in self.reader.sorted_valid(self.task.reads):
+        # The next sorted batches are read (DuckDB, without the GIL) while this one is cut.
+        for batch in prefetched(self.reader.sorted_valid(self.task.reads), name="reader"):
             if batch.num_rows == 0:
                 continue
             table = pa.Table.from_batches([batch]).select(columns)

@@ -32,6 +32,14 @@ _counts: dict[str, int] = {}
 _failed_once: set[tuple[tuple[str, str], ...]] = set()
 
 
+def reload() -> None:
+    """Read ``DISPATCHKIT_TEST_FAULTS`` again (a process forked with another environment)."""
+    global _spec
+    _spec = [s for s in os.environ.get("DISPATCHKIT_TEST_FAULTS", "").split(",") if s]
+    _counts.clear()
+    _failed_once.clear()
+
+
 def enabled() -> bool:
     return bool(_spec)
 

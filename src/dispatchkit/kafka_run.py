@@ -9,6 +9,7 @@ way, as an embedded one. ``status`` is :func:`dispatchkit.brokers.kafka.status.s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -38,6 +39,7 @@ from dispatchkit.brokers.kafka.status import (
     status,
     worker_group,
 )
+from dispatchkit.charting import ChartProcess
 from dispatchkit.claim import HEARTBEAT_SECONDS, Holding, describe, holder_of, is_alive, new_owner
 from dispatchkit.collector import WAIT_FOR_DISPATCH, collect_run, conclude
 from dispatchkit.dispatcher import Dispatcher
@@ -293,7 +295,12 @@ def collect(
     the_app = app if app is not None else load_app(None)
     t0 = time.perf_counter()
     summary = RunSummary(run_id=run_id)
-    with ResultStore(out / STORE_NAME) as store:
+    charts = ChartProcess(the_app, None)
+    if report:
+        charts.start_soon()  # warms up while the results come
+    with contextlib.ExitStack() as stack:
+        stack.callback(charts.close)
+        store = stack.enter_context(ResultStore(out / STORE_NAME))
         broker = KafkaBroker(
             settings,
             collector_group=collector_group(settings, run_id),
@@ -322,7 +329,7 @@ def collect(
         summary.rows_read = manifest.rows_read
         summary.rows_valid = manifest.rows_dispatched
         summary.rows_quarantined = manifest.rows_quarantined
-        conclude(store, collected, the_app, out, report=report, summary=summary)
+        conclude(store, collected, the_app, out, report=report, summary=summary, charts=charts)
     summary.files["store"] = out / STORE_NAME
     summary.seconds["collect"] = time.perf_counter() - t0
     return summary

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from dispatchkit import metrics
 from dispatchkit.app import App, Task, Timestamp, load_app
+from dispatchkit.charting import ChartProcess
 from dispatchkit.collector import Collected, collect_run, conclude
 from dispatchkit.dispatcher import DEFAULT_MAX_MESSAGE_BYTES, Dispatcher, too_big_message
 from dispatchkit.errors import InputError, RunError, UsageError
@@ -225,21 +226,36 @@ _ARROW = {
 @holds_out_dir("run")  # one writer per --out, before anything is written there
 def run_embedded(spec: RunSpec, bars: Progress | None = None) -> RunSummary:
     """Run the whole job on this machine with ``spec.workers`` worker processes."""
+    from dispatchkit.brokers.embedded import EmbeddedBroker
+
     progress = bars or NoProgress()
     t_start = time.perf_counter()
-    with ResultStore(spec.out / STORE_NAME) as store:
-        records: list[RunRecord] = []
+    app = load_app(spec.app)
+    # The workers start while the input is validated: they are ready when jobs come.
+    broker = EmbeddedBroker(
+        spec.workers, app=app.spec if app.spec is not None else spec.app, retry=spec.retry
+    )
+    charts = ChartProcess(app, spec.app)
+    try:
+        broker.start_soon()
+        if spec.report:
+            charts.start_soon()
+        with ResultStore(spec.out / STORE_NAME) as store:
+            records: list[RunRecord] = []
 
-        def check(run_id: str, identity: dict[str, str], app: App, task: Task) -> None:
-            records.append(store.start_run(run_id, identity, spec.input, app=app, task=task))
+            def check(run_id: str, identity: dict[str, str], app: App, task: Task) -> None:
+                records.append(store.start_run(run_id, identity, spec.input, app=app, task=task))
 
-        prep = prepare(spec, check)
-        record = records[0]
-        summary = RunSummary(run_id=prep.run_id)
-        _count_rows(summary, prep)
-        summary.seconds["prepare"] = time.perf_counter() - t_start
-        with prep.reader:
-            _run_prepared(spec, prep, store, record, progress, summary)
+            prep = prepare(spec, check, app)
+            record = records[0]
+            summary = RunSummary(run_id=prep.run_id)
+            _count_rows(summary, prep)
+            summary.seconds["prepare"] = time.perf_counter() - t_start
+            with prep.reader:
+                _run_prepared(spec, prep, store, record, progress, summary, broker, charts)
+    finally:
+        broker.close()
+        charts.close()
     summary.files["quarantine.parquet"] = spec.out / "quarantine.parquet"
     summary.files["store"] = spec.out / STORE_NAME
     summary.seconds["total"] = time.perf_counter() - t_start
@@ -271,9 +287,9 @@ def _run_prepared(
     record: RunRecord,
     progress: Progress,
     summary: RunSummary,
+    broker: Broker,
+    charts: ChartProcess | None = None,
 ) -> None:
-    from dispatchkit.brokers.embedded import EmbeddedBroker
-
     assert prep.app is not None
     store.update_run(
         prep.run_id,
@@ -290,13 +306,11 @@ def _run_prepared(
         final = manifest_of(spec, prep, status="dispatched", total_parts=record.total_parts)
         collected = Collected(final, "complete")
     else:
-        app_spec = prep.app.spec if prep.app.spec is not None else spec.app
-        broker = EmbeddedBroker(spec.workers, app=app_spec, retry=spec.retry)
-        try:
-            collected = _dispatch_and_collect(spec, prep, store, done, progress, summary, broker)
-        finally:
-            broker.close()
-    conclude(store, collected, prep.app, spec.out, report=spec.report, summary=summary)
+        collected = _dispatch_and_collect(spec, prep, store, done, progress, summary, broker)
+        broker.close()  # the workers are done before the export
+    conclude(
+        store, collected, prep.app, spec.out, report=spec.report, summary=summary, charts=charts
+    )
 
 
 def _count_rows(summary: RunSummary, prep: Prepared) -> None:

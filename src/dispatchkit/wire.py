@@ -312,6 +312,31 @@ def encode_jobs(
     )
 
 
+def _ranges(jobs: Sequence[JobEntry], num_rows: int, n_keys: int) -> npt.NDArray[np.int64]:
+    """The jobs' row offsets (``len(jobs) + 1``), checked at once; the first fault is
+    named by :func:`_check_ranges`."""
+    n = len(jobs)
+    bounds = np.fromiter(
+        itertools.chain.from_iterable((j.start, j.end, j.part, j.parts) for j in jobs),
+        dtype=np.int64,
+        count=4 * n,
+    ).reshape(n, 4)
+    start, end, part, parts = bounds.T
+    follows = np.empty(n, dtype=np.int64)
+    follows[:1] = 0
+    follows[1:] = end[:-1]
+    ok = (
+        bool(np.all((start == follows) & (end > start) & (parts >= 1) & (part >= 0)))
+        and bool(np.all(part < parts))
+        and (int(end[-1]) if n else 0) == num_rows
+        and all(j.job_id and len(j.key) == n_keys for j in jobs)
+    )
+    if not ok:
+        _check_ranges(jobs, num_rows, n_keys)
+        raise DecodeError("the jobs' row ranges do not cover the body")  # not reached
+    return np.append(start, np.int64(num_rows))
+
+
 def _check_ranges(jobs: Sequence[JobEntry], num_rows: int, n_keys: int) -> None:
     expected = 0
     for job in jobs:
@@ -373,9 +398,7 @@ def decode_jobs(
         if name not in KEY_TYPES:
             raise DecodeError(f"unknown key type {name!r}")
     batch = decode_body(env.body, full=validate)
-    _check_ranges(env.jobs, batch.num_rows, len(env.key_names))
-    offsets = np.fromiter((job.start for job in env.jobs), dtype=np.int64, count=len(env.jobs))
-    offsets = np.append(offsets, np.int64(batch.num_rows))
+    offsets = _ranges(env.jobs, batch.num_rows, len(env.key_names))
     return JobMessage(
         run_id=env.run_id,
         batch_id=env.batch_id,

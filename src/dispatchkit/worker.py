@@ -125,6 +125,16 @@ class Worker:
             else:
                 faults.crash_point("worker.after_compute")
                 return self._encode(msg, list(range(n)), keys, values, None, [], rows)
+        raw: list[Any] = []  # the per-job form's rows, computed and not yet checked
+        if not split and not faults.enabled():
+            raw = _run_plain(task, keys, rows, msg.offsets)
+            if len(raw) == n:
+                values = task.rows_table(raw)
+                if values is not None:
+                    faults.crash_point("worker.after_compute")
+                    return self._encode(msg, list(range(n)), keys, values, None, [], rows)
+        # Job by job: a job that raised (and those after it) with retries, and each row
+        # checked on its own, so a wrong row fails its job only and is named.
         first_failure = 0.0
         last_error: BaseException | None = None
         failed: list[wire.Failure] = []
@@ -137,6 +147,8 @@ class Worker:
                     faults.maybe_fail_job(key)
                     if split:
                         outcome[i] = task.part_state(part_rows)
+                    elif i < len(raw) and attempt == 1:
+                        outcome[i] = task.check_row(raw[i])
                     else:
                         outcome[i] = task.run_one(key, part_rows)
                     break
@@ -246,6 +258,25 @@ class Worker:
                 first_failure=min(f.first_failure for f in failed),
             ),
         )
+
+
+def _run_plain(task: Task, keys: pa.Table, rows: pa.Table, offsets: Any) -> list[Any]:
+    """The per-job form over every job of a message, in one tight loop, unchecked.
+
+    Stops at the first job that raises and returns the rows before it: the caller goes
+    on job by job from there (with retries and the failure's log line).
+    """
+    fn, convert = task.fn, task.convert
+    bounds = offsets.tolist()
+    out: list[Any] = []
+    try:
+        view = task.select_rows(rows)
+        for i, key in enumerate(keys.to_pylist()):
+            a = bounds[i]
+            out.append(fn(key, convert(view.slice(a, bounds[i + 1] - a))))
+    except Exception:
+        pass
+    return out
 
 
 def _key_dict(keys: pa.Table, i: int) -> dict[str, Any]:

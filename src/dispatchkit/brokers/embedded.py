@@ -10,17 +10,24 @@ worker's unfinished batches again; a batch that was in fact finished is stored t
 under the same job ids, which the store ignores. Nothing is lost, nothing is counted
 twice.
 
-Worker processes leave Ctrl-C to the parent (they start with SIGINT deferred and then
-ignore it), stop when the parent closes their pipe or dies (``PR_SET_PDEATHSIG`` on
-Linux, a parent-pid check otherwise), and exit quietly then: see :mod:`dispatchkit.procs`.
+Worker processes are forked from a *fork server* (``multiprocessing``'s forkserver
+start method): one clean interpreter, started with the run, imports the worker's modules
+once, and each worker (or a worker restarted after a crash) is a fork of it, ready in
+milliseconds instead of paying the imports again. A worker takes the parent's current
+environment and working directory with it, as a spawned process would.
+
+Worker processes leave Ctrl-C to the parent (they ignore it), stop when the parent
+closes their pipe or dies (the fork server exits with the parent, and
+``PR_SET_PDEATHSIG`` on Linux, or a parent-pid check, ends the worker with the fork
+server), and exit quietly then: see :mod:`dispatchkit.procs`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing as mp
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -92,26 +99,55 @@ class EmbeddedBroker(Broker):
         self.n_workers = workers
         self.credit = credit
         self.retry = retry or RetryPolicy()
-        self._ctx = mp.get_context("spawn")
+        self._ctx = procs.fork_context()
         self._slots: list[_Slot] = []
         self._results: deque[ResultMessage] = deque()
         self.dead_letters: list[DeadLetter] = []
         self.restarts = 0
         self.batches_sent = 0
         self._manifest: Manifest | None = None
+        self._starter: threading.Thread | None = None
+        self._start_error: BaseException | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the worker processes (spawned, so they hold nothing of the parent)."""
+        """Start the worker processes (forks of a clean fork server, not of this process)."""
+        self._join_starter()
         if not self._slots:
             self._slots = [self._spawn(i) for i in range(self.n_workers)]
+
+    def start_soon(self) -> None:
+        """Start the workers in a thread, while this process goes on (e.g. reads the input).
+
+        The fork server's imports take a moment; :meth:`start` (and every use of the
+        workers) waits for the thread, and raises what it raised.
+        """
+        if self._slots or self._starter is not None:
+            return
+
+        def start() -> None:
+            try:
+                self._slots = [self._spawn(i) for i in range(self.n_workers)]
+            except BaseException as exc:  # raised again by start()
+                self._start_error = exc
+
+        self._starter = threading.Thread(target=start, name="dispatchkit-start-workers")
+        self._starter.start()
+
+    def _join_starter(self) -> None:
+        if self._starter is not None:
+            self._starter.join()
+            self._starter = None
+            if self._start_error is not None:
+                exc, self._start_error = self._start_error, None
+                raise exc
 
     def _spawn(self, index: int) -> _Slot:
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(child, f"embedded-{index}", self.retry, os.getpid(), self.app),
+            args=(child, f"embedded-{index}", self.retry, self.app, procs.Origin.here()),
             name=f"dispatchkit-worker-{index}",
             daemon=True,
         )
@@ -125,6 +161,8 @@ class EmbeddedBroker(Broker):
         return [s.process.pid or 0 for s in self._slots]
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._join_starter()
         for slot in self._slots:
             with contextlib.suppress(OSError):
                 slot.conn.send_bytes(b"")
@@ -314,10 +352,9 @@ class _PipeSource(JobSource):
 
 
 def _worker_main(
-    conn: Connection, worker_id: str, retry: RetryPolicy, parent: int, app: str | None
+    conn: Connection, worker_id: str, retry: RetryPolicy, app: str | None, origin: procs.Origin
 ) -> None:
-    procs.die_with_parent(parent)
-    procs.child_signals()  # Ctrl-C is the parent's; SIGTERM (the parent died) ends us
+    origin.enter()
     logs.configure_from_env()  # log as the command that started us does
     logs.set_context(worker=f"{worker_id}:{os.getpid()}")
     source = _PipeSource(conn)

@@ -138,7 +138,7 @@ def beta_posterior(key: dict[str, Any], rows: pa.Table) -> dict[str, Any]:
     return _rate(beta)(key, _counts(rows))
 
 
-@app.chart
+@app.chart(preload=["dispatchkit.apps.covid.chart"])
 def chart(results: pa.Table, path: Any) -> None:
     """Small multiples: the daily positive rate of each country with its Wilson band."""
     import polars as pl
