@@ -278,12 +278,16 @@ class Dispatcher:
         ]
         if not entries:
             return
-        for e in entries:  # a job counts as sent with its first part published now
-            if e.parts == 1 or e.job_id not in self._split_sent:
-                self.stats.jobs_sent += 1
-                if e.parts > 1:
-                    self._split_sent.add(e.job_id)
-            self.stats.rows_sent += e.end - e.start
+        if len(entries) == len(cut.job) and int(cut.parts.max()) == 1:  # whole jobs only
+            self.stats.jobs_sent += len(entries)
+            self.stats.rows_sent += cut.row_end - cut.row_start
+        else:
+            for e in entries:  # a job counts as sent with its first part published now
+                if e.parts == 1 or e.job_id not in self._split_sent:
+                    self.stats.jobs_sent += 1
+                    if e.parts > 1:
+                        self._split_sent.add(e.job_id)
+                self.stats.rows_sent += e.end - e.start
         rows = body.slice(cut.row_start, cut.row_end - cut.row_start)
         if len(entries) < len(cut.job):  # some parts were published before: keep the rest
             picked = [(e.start, e.end) for e in entries]
@@ -337,8 +341,8 @@ class Dispatcher:
             payload=payload,
             key=f"b{bucket}".encode(),
             batch_id=f"{first.job_id}.{first.part}",
-            job_ids=tuple(e.job_id for e in entries),
-            parts=tuple((e.part, e.parts) for e in entries),
+            job_ids=tuple([e.job_id for e in entries]),
+            parts=tuple([(e.part, e.parts) for e in entries]),
             rows=rows.num_rows,
         )
 

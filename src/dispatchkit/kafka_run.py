@@ -21,9 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import msgspec
@@ -32,7 +30,6 @@ from dispatchkit import faults, logs, metrics, outdir, procs
 from dispatchkit.app import App, Task, load_app
 from dispatchkit.brokers.kafka.broker import KafkaBroker
 from dispatchkit.brokers.kafka.settings import KafkaSettings, Secret
-from dispatchkit.brokers.kafka.source import KafkaJobSource, default_worker_id
 from dispatchkit.brokers.kafka.status import (
     collector_group,
     dead_jobs,
@@ -45,6 +42,7 @@ from dispatchkit.collector import WAIT_FOR_DISPATCH, collect_run, conclude
 from dispatchkit.dispatcher import Dispatcher
 from dispatchkit.errors import RunError
 from dispatchkit.identity import check_identity
+from dispatchkit.kafka_worker import WorkerOptions, work
 from dispatchkit.message import Manifest
 from dispatchkit.progress import NoProgress, Progress
 from dispatchkit.reader import fingerprint, resolve_inputs
@@ -58,7 +56,6 @@ from dispatchkit.runner import (
     spec_identity,
 )
 from dispatchkit.store import ResultStore
-from dispatchkit.worker import RetryPolicy, Worker, WorkerStats, run
 
 __all__ = [
     "WorkerOptions",
@@ -336,88 +333,6 @@ def collect(
 
 
 # -- worker -----------------------------------------------------------------------------
-
-
-@dataclass
-class WorkerOptions:
-    group: str | None = None
-    worker_id: str | None = None
-    burst: bool = False
-    group_protocol: str = "classic"
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    session_timeout_ms: int = 10_000
-    max_poll_interval_ms: int = 300_000
-    idle_exit_seconds: float = 15.0
-    #: The app by import path; ``None``: ``$DISPATCHKIT_APP`` or the built-in COVID app.
-    app: str | None = None
-
-
-def work(settings: KafkaSettings, options: WorkerOptions) -> WorkerStats:
-    """Be a consumer-group member until SIGTERM/SIGINT (or drained, with ``burst``)."""
-    worker_id = options.worker_id or default_worker_id()
-    logs.set_context(worker=worker_id)
-    worker = Worker(worker_id, options.retry, app=load_app(options.app))  # fail before joining
-    source = KafkaJobSource(
-        settings,
-        group=options.group or worker_group(settings),
-        worker_id=worker_id,
-        group_protocol=options.group_protocol,
-        session_timeout_ms=options.session_timeout_ms,
-        max_poll_interval_ms=options.max_poll_interval_ms,
-    )
-    stopping: list[int] = []
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("worker %s: signal %d, finishing the current job", worker_id, signum)
-        stopping.append(signum)
-        metrics.set_draining()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    idle_since = [time.monotonic()]
-
-    lag = metrics.LagProbe(source.lag)
-
-    def should_stop() -> bool:
-        metrics.set_ready("worker", source.joined)
-        lag.tick()
-        return bool(stopping) or procs.orphaned()  # a run that started us is gone
-
-    def on_batch(_: int) -> None:
-        idle_since[0] = time.monotonic()
-
-    try:
-        if options.burst:
-            original = source.drained
-
-            def drained() -> bool:
-                if original():
-                    return True
-                # A member with no partitions (more workers than partitions) idles out.
-                return (
-                    not source.consumer.assignment()
-                    and time.monotonic() - idle_since[0] > options.idle_exit_seconds
-                )
-
-            source.drained = drained  # type: ignore[method-assign]
-        stats = run(
-            source,
-            worker,
-            should_stop=should_stop,
-            burst=options.burst,
-            on_batch=on_batch,
-        )
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    log.info(
-        "worker %s: %d batches, %d jobs, %d rejected, %d aborts",
-        worker_id,
-        stats.batches,
-        stats.jobs,
-        stats.rejected,
-        source.aborts,
-    )
-    return stats
 
 
 # -- run (all in one) -------------------------------------------------------------------

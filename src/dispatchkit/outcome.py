@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dispatchkit.errors import InputRejectedError, UsageError
-from dispatchkit.reader import RowCounts
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
+
+    from dispatchkit.reader import RowCounts
 
 #: ``--max-bad-rows`` by default: a run whose input is more than 10 % bad rows fails.
 DEFAULT_MAX_BAD_ROWS = "10%"

@@ -32,6 +32,7 @@ from dispatchkit.keys import key_text
 from dispatchkit.message import SCHEMA_VERSION, Manifest
 from dispatchkit.outcome import DEFAULT_MAX_BAD_ROWS, BadRowBudget, check_rows
 from dispatchkit.outdir import holds_out_dir
+from dispatchkit.prefetch import prefetched
 from dispatchkit.progress import NoProgress, Progress
 from dispatchkit.reader import InputReader, RowCounts, fingerprint, resolve_inputs
 from dispatchkit.store import ResultStore, RunRecord
@@ -344,7 +345,13 @@ def _dispatch_and_collect(
     progress.add("dispatch", prep.counts.rows_valid, "rows")
 
     def feed() -> Iterator[Outgoing]:
-        yield from dispatcher.messages(skip=done, on_rows=lambda n: progress.advance("dispatch", n))
+        # Cut and encoded in a thread of their own, ahead of the loop that publishes
+        # them and stores results (DuckDB and Arrow work there runs without the GIL).
+        yield from prefetched(
+            dispatcher.messages(skip=done, on_rows=lambda n: progress.advance("dispatch", n)),
+            depth=16,
+            name="dispatcher",
+        )
         stats = dispatcher.stats
         if stats.rows_cut != prep.counts.rows_valid:
             raise RunError(

@@ -37,6 +37,7 @@ from dispatchkit import arrays, wire
 from dispatchkit import identity as ids
 from dispatchkit.app import App, Task
 from dispatchkit.errors import RunError, StoreError
+from dispatchkit.positions import ReadPositions
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -109,17 +110,6 @@ class Layout:
 
 def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-@dataclass(frozen=True)
-class ReadPositions:
-    """Where a collector of ``run_id`` goes on reading ``topic``: the next offset of each
-    partition it has read (partitions it has not read are absent)."""
-
-    run_id: str
-    topic: str
-    offsets: dict[int, int]
-    topic_id: str | None = None
 
 
 @dataclass(frozen=True)

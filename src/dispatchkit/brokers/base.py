@@ -26,7 +26,7 @@ from dispatchkit.message import Manifest
 
 if TYPE_CHECKING:
     from dispatchkit.dispatcher import Outgoing
-    from dispatchkit.store import ReadPositions
+    from dispatchkit.positions import ReadPositions
     from dispatchkit.wire import ResultMessage
 
 T = TypeVar("T")

@@ -205,7 +205,7 @@ def cmd_dispatch(args: argparse.Namespace, bars: Bars) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, bars: Bars) -> int:
-    from dispatchkit.kafka_run import WorkerOptions, work
+    from dispatchkit.kafka_worker import WorkerOptions, work
     from dispatchkit.worker import RetryPolicy
 
     settings = kafka_settings_from_args(args)

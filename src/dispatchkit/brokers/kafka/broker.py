@@ -45,7 +45,7 @@ from dispatchkit.wire import WIRE_VERSION, ResultMessage, decode_jobs, decode_re
 
 if TYPE_CHECKING:
     from dispatchkit.dispatcher import Outgoing
-from dispatchkit.store import ReadPositions
+from dispatchkit.positions import ReadPositions
 
 log = logging.getLogger(__name__)
 
