@@ -113,3 +113,22 @@ def test_usage_mistakes_are_one_line_errors(
     (tmp_path / "file").write_text("")
     assert main(["bench", "--no-kafka", "--out", str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_peers_are_asked_for_and_a_missing_one_says_what_to_install(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dispatchkit.bench import peers
+
+    assert main(["bench", "--quick", "--peers", "--no-kafka", "--out", str(tmp_path)]) == 2
+    assert "--peers is not part of --quick" in capsys.readouterr().err
+    assert main(["bench", "--sections", "peers", "--no-kafka", "--out", str(tmp_path)]) == 2
+    assert "--sections peers needs --peers" in capsys.readouterr().err
+    monkeypatch.setitem(
+        peers.PEERS, "dask", peers.Peer("dask", "dask groupby.apply", ("no_such_module_dk",))
+    )
+    assert peers.missing(peers.PEERS["dask"]) == (
+        "dask groupby.apply skipped: no no_such_module_dk — pip install 'dispatchkit[peers]'"
+    )
+    tool = peers.Peer("x", "x", (), program="no-such-program-dk", program_hint="it")
+    assert peers.missing(tool) == "x skipped: no-such-program-dk not found — needs it"

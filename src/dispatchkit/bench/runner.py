@@ -48,7 +48,7 @@ from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.errors import RunError, UsageError
 
 Row = dict[str, Any]
-SECTIONS = ("main", "components", "heavy", "memory")
+SECTIONS = ("main", "components", "heavy", "memory", "peers")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,11 @@ class BenchConfig:
     seed: int = 42
     data_dir: Path | None = None
     command: str = ""
+    # The peers section (dispatchkit.bench.peers): only with peers=True, never in quick.
+    peers: bool = False
+    peers_rows: int = 0  # 0: rows
+    peers_slow_rows: int = 0  # 0: peers_rows
+    peers_slow_repeats: int = 0  # repeats of Dask, Spark, Celery per job; 0: repeats
 
     @classmethod
     def quick(cls, out: Path, **changes: Any) -> BenchConfig:
@@ -96,6 +101,10 @@ class BenchConfig:
             )
         if self.sections == ("memory",) and not self.memory_scale:
             raise UsageError("--sections memory needs --memory-scale ROWS")
+        if "peers" in self.sections and self.sections != SECTIONS and not self.peers:
+            raise UsageError("--sections peers needs --peers")
+        if min(self.peers_rows, self.peers_slow_rows, self.peers_slow_repeats) < 0:
+            raise UsageError("--peers-rows, --peers-slow-rows and --peers-slow-repeats >= 0")
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {self.out} is a file, not a directory")
 
@@ -113,6 +122,7 @@ class Plan:
     workers: int = 0
     kafka: bool = False
     shown: bool = True
+    repeats: int = 0  # run in the first this many rounds only; 0: every round
 
 
 @dataclass
@@ -201,6 +211,13 @@ def _sections(state: _State) -> Iterator[tuple[str, list[Plan], int]]:
             Plan("memory", f"embedded-{w}", f"embedded ×{w}", "embedded", mem_in, workers=w),
         ]
         yield "memory", mem, 1
+    if "peers" in wanted and c.peers:
+        from dispatchkit.bench import peers
+
+        def peer_input(section: str, rows: int) -> Path:
+            return _input(state, section, rows)
+
+        yield from peers.plans(c, peer_input, state.kafka is not None, state.say)
 
 
 def _input(state: _State, section: str, rows: int) -> Path:
@@ -223,6 +240,8 @@ def _run_section(state: _State, section: str, plans: list[Plan], repeats: int) -
     state.shown.extend(p for p in plans if p.shown)
     for r in range(repeats):
         for plan in plans:
+            if plan.repeats and r >= plan.repeats:
+                continue
             sample = _run_once(state, plan, r)
             state.samples.setdefault(f"{section}/{plan.key}", []).append(sample)
             state.say(

@@ -114,6 +114,9 @@ def write_outputs(
         if chosen:
             name = "bench.png" if section == "main" else f"bench-{section}.png"
             plot_benchmark(chosen, out / name, title=f"dispatchkit bench — {title}")
+    from dispatchkit.bench.peers import plot as plot_peers
+
+    plot_peers(rows, out / "bench-peers.png")
 
 
 def _rows_of(rows: list[Row], section: str) -> str:
@@ -230,6 +233,9 @@ def markdown(config: BenchConfig, rows: list[Row], info: dict[str, str], judged:
     lines += _components_table(rows)
     lines += _heavy_table(rows)
     lines += _memory_table(rows)
+    from dispatchkit.bench.peers import table as peers_table
+
+    lines += peers_table(rows, config)
     lines += ["## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
     for t in judged:
         met = "n/a" if t["met"] is None else ("**yes**" if t["met"] else "**no**")

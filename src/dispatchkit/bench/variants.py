@@ -213,6 +213,10 @@ def run_variant(spec: dict[str, Any]) -> Outcome:
         normalize(df).write_parquet(check)
         rows = int(pl.scan_parquet(spec["input"]).select(pl.len()).collect().item())
         return Outcome(name, wall, cpu, rows, df.height, phases, check=str(check))
+    if name.startswith("peer-"):
+        from dispatchkit.bench.peers import run_peer
+
+        return run_peer(spec)
     if name.startswith("kafka"):
         from dispatchkit.bench import kafka as bench_kafka
 
@@ -237,6 +241,10 @@ def _preload(name: str) -> None:
     """Import what the variant needs before its clock starts."""
     if name == "pandas":
         import pandas  # noqa: F401
+    elif name.startswith("peer-"):
+        from dispatchkit.bench.peers import preload
+
+        preload(name)
     elif name in DISPATCHKIT or name.startswith("kafka"):
         import dispatchkit.dispatcher
         import dispatchkit.runner

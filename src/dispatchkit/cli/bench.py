@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from dispatchkit.bench import BenchConfig
 
 #: The benchmark's sections (kept here too: --help must not import the benchmark).
-SECTIONS = ("main", "components", "heavy", "memory")
+SECTIONS = ("main", "components", "heavy", "memory", "peers")
 
 Add = Callable[..., argparse.ArgumentParser]
 Flags = Callable[..., None]
@@ -31,11 +31,14 @@ EXAMPLES = """examples:
   dispatchkit bench --sections heavy --heavy-rows 50000 --repeats 5
   dispatchkit bench --sections memory --memory-scale 20000000
   dispatchkit bench -b 127.0.0.1:9092 --partitions 24   # an existing cluster
+  dispatchkit bench --sections peers --peers --no-kafka  # vs Dask, Spark, Celery, DuckDB
 
 Without -b (or $DISPATCHKIT_BOOTSTRAP_SERVERS) the Kafka variants start a local broker
 with scripts/kafka (instance 'bench', port 45092) and stop it afterwards; that needs the
 root of a source checkout as the working directory.
 Writes bench.json, bench.md and bench.png (plus bench-heavy.png, bench-memory.png).
+--peers needs the peers extra (pip install 'dispatchkit[peers]'), Java for PySpark and
+redis-server for Celery; a peer without them is skipped with a line saying so.
 """
 
 
@@ -130,6 +133,26 @@ def register(add: Add, kafka_flags: Flags) -> None:
     b.add_argument(
         "--quick", action="store_true", help="smoke test: 20,000 rows, 1 repeat, 2,000 heavy rows"
     )
+    b.add_argument(
+        "--peers",
+        action="store_true",
+        help="also run the peers section: DuckDB, Dask, PySpark and Celery+Redis doing the "
+        "same job (the peers extra; slow; not with --quick)",
+    )
+    b.add_argument("--peers-rows", type=_count, default=0, help="rows of the peers' input [--rows]")
+    b.add_argument(
+        "--peers-slow-rows",
+        type=_count,
+        default=0,
+        help="rows for PySpark and Celery one task per job (ms a job), on an input of "
+        "their own [--peers-rows]",
+    )
+    b.add_argument(
+        "--peers-slow-repeats",
+        type=_count,
+        default=0,
+        help="repeats of the slow peers (Dask, Spark, Celery per job) [--repeats]",
+    )
     b.add_argument("--seed", type=int, default=42, help="seed of the generated inputs")
     b.add_argument("--data-dir", help="where generated inputs are kept and reused [OUT/data]")
     kafka_flags(b, required=False)
@@ -141,6 +164,8 @@ def cmd_bench(args: argparse.Namespace, bars: Bars) -> int:
         raise UsageError(
             f"dispatchkit bench needs {' and '.join(missing)}: pip install 'dispatchkit[bench]'"
         )
+    if args.peers and args.quick:
+        raise UsageError("--peers is not part of --quick: give --rows instead")
     from dispatchkit.bench import BenchConfig, run_benchmarks
 
     settings = None
@@ -170,6 +195,10 @@ def cmd_bench(args: argparse.Namespace, bars: Bars) -> int:
         sections=args.sections,
         seed=args.seed,
         data_dir=Path(args.data_dir) if args.data_dir else None,
+        peers=args.peers,
+        peers_rows=args.peers_rows,
+        peers_slow_rows=args.peers_slow_rows,
+        peers_slow_repeats=args.peers_slow_repeats,
     )
     config = dataclasses.replace(config, command=_command(config))
 
@@ -205,4 +234,13 @@ def _command(c: BenchConfig) -> str:
         parts.append("--sections " + ",".join(c.sections))
     if c.seed != 42:
         parts.append(f"--seed {c.seed}")
+    if c.peers:
+        parts.append("--peers")
+        for flag, value in (
+            ("--peers-rows", c.peers_rows),
+            ("--peers-slow-rows", c.peers_slow_rows),
+            ("--peers-slow-repeats", c.peers_slow_repeats),
+        ):
+            if value:
+                parts.append(f"{flag} {value}")
     return " ".join(parts)
