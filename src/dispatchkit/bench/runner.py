@@ -113,6 +113,10 @@ class BenchConfig:
             )
         if self.sections == ("memory",) and not self.memory_scales:
             raise UsageError("--sections memory needs --memory-scale ROWS")
+        if "apps" in self.sections:
+            from dispatchkit.bench.apps import checkout
+
+            checkout()  # the example apps live in a source checkout
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {self.out} is a file, not a directory")
 
