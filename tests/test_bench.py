@@ -16,6 +16,7 @@ import pytest
 
 from dispatchkit import bench
 from dispatchkit.bench import compare_results
+from dispatchkit.bench.app_floors import APP_TASKS, compare_app_results
 from dispatchkit.bench.measure import measure
 from dispatchkit.cli import bench as bench_cli
 from dispatchkit.cli import main
@@ -49,10 +50,17 @@ def test_quick_bench_runs_every_variant_and_writes_its_files(tmp_path: Path) -> 
         ("heavy", "pandas"),
         ("heavy", "embedded-1"),
         ("heavy", "embedded-2"),
+        ("commands", "script"),
+        ("commands", "run"),
+        ("commands", "run-no-report"),
+        ("overhead", "noop"),
     }
+    expected |= {(f"apps/{at.name}", key) for at in APP_TASKS for key in ("floor", "run")}
     if servers:
         expected |= {("main", "kafka-1"), ("main", "warm-2")}
         expected |= {("components", "staged-1")}
+        expected |= {("heavy", "kafka-1"), ("heavy", "kafka-2")}
+        expected |= {("commands", "run-kafka"), ("commands", "warm")}
     assert expected <= set(rows)
     assert all(r["results_match"] for r in rows.values())
     floor = rows[("main", "floor")]
@@ -60,9 +68,29 @@ def test_quick_bench_runs_every_variant_and_writes_its_files(tmp_path: Path) -> 
     # Every variant computed the same number of (country, hour) jobs as the floor.
     assert {r["jobs"] for (section, _), r in rows.items() if section == "main"} == {floor["jobs"]}
     assert rows[("main", "embedded-2")]["peak_rss_total_mb"] > 0
-    assert {t["target"] for t in doc["targets"]}
+    # Whole commands: every run's results.parquet equalled the floor script's (the
+    # benchmark stops otherwise), the same jobs as the in-process floor found.
+    commands = {r["jobs"] for (section, _), r in rows.items() if section == "commands"}
+    assert commands == {floor["jobs"]}
+    # The no-op overhead: every one-row job dispatched, handled and back exactly once.
+    noop = rows[("overhead", "noop")]
+    assert noop["rows"] == noop["jobs"] == 5_000
+    assert set(noop["phases"]) >= {"per_job_worker", "per_job_bare", "vectorized_worker"}
+    # Each example app's run found its floor's keys (values compared in the run).
+    for at in APP_TASKS:
+        app_floor, app_run = rows[(f"apps/{at.name}", "floor")], rows[(f"apps/{at.name}", "run")]
+        assert app_run["jobs"] == app_floor["jobs"] > 0, at.name
+    judged = {t["target"]: t for t in doc["targets"]}
+    assert len(judged) == len(doc["targets"]) >= 19
+    wanted = ("--no-report", "fixed cost", "per-job form", "vectorized form", "5,000,000")
+    for words in (*wanted, "3,000,000", "1,000,000 jobs/s", "Kafka ×2 within", "700 MB"):
+        assert any(words in t for t in judged), words
+    run_kafka = next(t for t in judged.values() if "--broker kafka" in t["target"])
+    assert (run_kafka["met"] is None) == (not servers)
     table = (out / "bench.md").read_text()
     assert "| embedded ×2 |" in table and "## Targets" in table
+    assert "## Whole commands" in table and "## Per-job overhead" in table
+    assert "## Example apps" in table
 
 
 def _frame(positives: list[int]) -> pl.DataFrame:
@@ -83,6 +111,43 @@ def test_results_that_differ_from_the_floor_stop_the_benchmark() -> None:
         compare_results(_frame([1, 2, 4]), _frame([1, 2, 3]), "embedded ×2")
     with pytest.raises(RunError, match=r"1 missing"):
         compare_results(_frame([1, 2]), _frame([1, 2, 3]), "kafka ×1")
+
+
+def test_app_results_compare_counts_exactly_and_floats_within_a_tolerance() -> None:
+    at = next(a for a in APP_TASKS if a.name == "sensors-trend")
+    hours = [datetime(2024, 5, 1, h, tzinfo=UTC) for h in range(3)]
+    want = pl.DataFrame(
+        {
+            "sensor": ["a", "a", "b"],
+            "hour": hours,
+            "slope": [1.5, None, 0.0],
+            "intercept": [2.0, None, 7.25],
+            "r2": [0.5, None, 1.0],
+            "n": [10, 1, 3],
+        }
+    )
+    near = want.with_columns(pl.col("slope") * (1 + 1e-13))
+    compare_app_results(near, want, at, "within the tolerance")
+    with pytest.raises(RunError, match=r"1 with other values"):
+        compare_app_results(want.with_columns(pl.col("slope") * (1 + 1e-9)), want, at, "far")
+    with pytest.raises(RunError, match=r"1 with other values"):
+        compare_app_results(want.with_columns(n=pl.Series([10, 2, 3])), want, at, "count")
+    with pytest.raises(RunError, match=r"1 with other values"):  # a null is not a number
+        compare_app_results(want.with_columns(r2=pl.Series([0.5, 0.0, 1.0])), want, at, "null")
+    with pytest.raises(RunError, match=r"1 missing"):
+        compare_app_results(want.head(2), want, at, "short")
+    with pytest.raises(RunError, match=r"1 twice"):
+        compare_app_results(pl.concat([want, want.tail(1)]), want, at, "twice")
+
+
+def test_memory_scales_and_overhead_jobs_reach_the_config(tmp_path: Path) -> None:
+    parser = bench_cli._sizes
+    assert parser("20000000,100_000_000") == (20_000_000, 100_000_000)
+    assert parser("0") == ()
+    config = bench.BenchConfig.quick(tmp_path)
+    assert config.overhead_jobs == 5_000 and config.memory_scales == ()
+    with pytest.raises(Exception, match="--memory-scale"):
+        bench.BenchConfig(out=tmp_path, sections=("memory",)).check()
 
 
 def test_measure_sees_the_peak_of_a_child_process(tmp_path: Path) -> None:

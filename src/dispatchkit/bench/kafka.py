@@ -296,6 +296,26 @@ def delete_topics(spec: dict[str, Any]) -> None:
             print(f"could not delete a bench topic: {exc}", file=sys.stderr)
 
 
+def delete_topics_of(settings: KafkaSettings) -> None:
+    """Drop the topics of ``settings``' prefix (best effort), from the parent side."""
+    from confluent_kafka.admin import AdminClient
+
+    config: Any = settings.client_config()
+    admin = AdminClient(config)
+    topics = [
+        settings.jobs_topic,
+        settings.results_topic,
+        settings.manifests_topic,
+        settings.dlq_topic,
+    ]
+    for fut in admin.delete_topics(topics, operation_timeout=30).values():
+        try:
+            fut.result(30)
+        except Exception as exc:  # cleanup only: a topic never created, say
+            if "UNKNOWN_TOPIC" not in str(exc):
+                print(f"could not delete a bench topic: {exc}", file=sys.stderr)
+
+
 VARIANTS: dict[str, Callable[[dict[str, Any]], Outcome]] = {
     "kafka": kafka,
     "kafka-staged": kafka_staged,

@@ -10,9 +10,20 @@ Sections, each on its own generated input (cached under ``data_dir``):
                 job first, then start one worker and let it drain — the dispatcher's
                 rows/s and a worker's jobs/s, each measured without the other running;
 ``heavy``       the CPU-heavy ``beta-posterior`` task on ``heavy_rows`` rows: pandas
-                monolith against dispatchkit embedded with 1, 2, … workers;
-``memory``      at ``memory_scale`` rows, once: peak memory of the pandas monolith
-                against dispatchkit embedded (off unless asked for: it takes minutes).
+                monolith against dispatchkit embedded with 1, 2, … workers, and on Kafka
+                with 1 and 2;
+``memory``      at each of ``memory_scales`` rows, once: peak memory of the pandas
+                monolith (up to 20M rows) against dispatchkit embedded (off unless asked
+                for: it takes minutes);
+``commands``    whole commands timed from exec to exit — ``dispatchkit run`` with and
+                without the report, on Kafka, with workers already running — against a
+                whole-process Polars script; and the same on 20,000 rows (``fixed``):
+                :mod:`dispatchkit.bench.commands`;
+``overhead``    a no-op task on ``overhead_jobs`` one-row jobs: the worker's µs per job
+                on top of the function, and the dispatcher's jobs/s
+                (:mod:`dispatchkit.bench.overhead`);
+``apps``        every example app's task, a whole ``dispatchkit run --app`` against that
+                statistic's own Polars floor (:mod:`dispatchkit.bench.apps`).
 
 Every variant runs in a process of its own (:mod:`dispatchkit.bench.variants`) that
 :func:`dispatchkit.bench.measure.measure` samples. Repeats are interleaved (round ``r``
@@ -48,7 +59,9 @@ from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.errors import RunError, UsageError
 
 Row = dict[str, Any]
-SECTIONS = ("main", "components", "heavy", "memory", "peers")
+SECTIONS = ("main", "components", "heavy", "memory", "commands", "overhead", "apps", "peers")
+#: The pandas monolith is left out of memory runs bigger than this (~200 bytes a row).
+PANDAS_MAX_ROWS = 20_000_000
 
 
 @dataclass(frozen=True)
@@ -67,11 +80,12 @@ class BenchConfig:
     partitions: int = 12
     task: str = "positive-rate"
     heavy_rows: int = 20_000
-    memory_scale: int = 0
+    memory_scales: tuple[int, ...] = ()
     memory_workers: int = 2
     sections: tuple[str, ...] = SECTIONS
     seed: int = 42
     data_dir: Path | None = None
+    overhead_jobs: int = 1_000_000
     command: str = ""
     # The peers section (dispatchkit.bench.peers): only with peers=True, never in quick.
     peers: bool = False
@@ -81,7 +95,8 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, out: Path, **changes: Any) -> BenchConfig:
-        return replace(cls(out=out, rows=20_000, repeats=1, heavy_rows=2_000), **changes)
+        quick = cls(out=out, rows=20_000, repeats=1, heavy_rows=2_000, overhead_jobs=5_000)
+        return replace(quick, **changes)
 
     def check(self) -> None:
         """Raise :class:`UsageError` for settings that cannot work."""
@@ -91,20 +106,26 @@ class BenchConfig:
         counts = (*self.workers, *self.kafka_workers, *self.warm_workers, self.memory_workers)
         if any(w < 1 for w in counts):
             raise UsageError("worker counts must be at least 1")
-        if self.heavy_rows < 0 or self.memory_scale < 0:
-            raise UsageError("--heavy-rows and --memory-scale cannot be negative")
+        if self.heavy_rows < 0 or any(s < 1 for s in self.memory_scales):
+            raise UsageError("--heavy-rows cannot be negative, --memory-scale must be positive")
+        if self.overhead_jobs < 1:
+            raise UsageError("--overhead-jobs must be at least 1")
         unknown = sorted(set(self.sections) - set(SECTIONS))
         if unknown or not self.sections:
             raise UsageError(
                 f"--sections: unknown {', '.join(unknown) or 'none given'} "
                 f"(choose from {', '.join(SECTIONS)})"
             )
-        if self.sections == ("memory",) and not self.memory_scale:
+        if self.sections == ("memory",) and not self.memory_scales:
             raise UsageError("--sections memory needs --memory-scale ROWS")
         if "peers" in self.sections and self.sections != SECTIONS and not self.peers:
             raise UsageError("--sections peers needs --peers")
         if min(self.peers_rows, self.peers_slow_rows, self.peers_slow_repeats) < 0:
             raise UsageError("--peers-rows, --peers-slow-rows and --peers-slow-repeats >= 0")
+        if "apps" in self.sections:
+            from dispatchkit.bench.apps import checkout
+
+            checkout()  # the example apps live in a source checkout
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {self.out} is a file, not a directory")
 
@@ -201,16 +222,46 @@ def _sections(state: _State) -> Iterator[tuple[str, list[Plan], int]]:
             Plan("heavy", f"embedded-{w}", f"embedded ×{w}", "embedded", heavy_in, task, w)
             for w in sorted({1, 2, *c.workers})
         ]
+        if state.kafka is not None:
+            heavy += [
+                Plan("heavy", f"kafka-{w}", f"kafka ×{w}", "kafka", heavy_in, task, w, True)
+                for w in (1, 2)
+            ]
         yield "heavy", heavy, c.repeats
-    if "memory" in wanted and c.memory_scale:
-        mem_in = _input(state, "memory", c.memory_scale)
+    if "memory" in wanted:
+        # One group per scale, each with its floor first; keys carry the scale when
+        # there are several.
         w = c.memory_workers
-        mem = [
-            Plan("memory", "floor", "polars floor", "floor", mem_in),
-            Plan("memory", "pandas", "pandas monolith", "pandas", mem_in),
-            Plan("memory", f"embedded-{w}", f"embedded ×{w}", "embedded", mem_in, workers=w),
-        ]
-        yield "memory", mem, 1
+        many = len(c.memory_scales) > 1
+        for scale in sorted(set(c.memory_scales)):
+            mem_in = _input(state, f"memory-{scale}" if many else "memory", scale)
+            at, of = (f"@{scale}", f", {scale:,} rows") if many else ("", "")
+            mem = [Plan("memory", f"floor{at}", f"polars floor{of}", "floor", mem_in)]
+            if scale <= PANDAS_MAX_ROWS:
+                mem.append(Plan("memory", f"pandas{at}", f"pandas monolith{of}", "pandas", mem_in))
+            mem.append(
+                Plan(
+                    "memory",
+                    f"embedded-{w}{at}",
+                    f"embedded ×{w}{of}",
+                    "embedded",
+                    mem_in,
+                    workers=w,
+                )
+            )
+            yield "memory", mem, 1
+    if "commands" in wanted:
+        from dispatchkit.bench import commands
+
+        yield from commands.sections(state)
+    if "overhead" in wanted:
+        from dispatchkit.bench import overhead
+
+        yield from overhead.sections(state)
+    if "apps" in wanted:
+        from dispatchkit.bench import apps
+
+        yield from apps.sections(state)
     if "peers" in wanted and c.peers:
         from dispatchkit.bench import peers
 
@@ -256,6 +307,9 @@ def _run_once(state: _State, plan: Plan, repeat: int) -> Row:
     base = c.out / "runs" / plan.section / f"{plan.key}-r{repeat + 1}"
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
+    own = _own_variants().get(plan.variant)
+    if own is not None:  # whole commands and in-process figures, measured by their module
+        return own(state, plan, base)
     spec: Row = {
         "variant": plan.variant,
         "input": str(plan.input),
@@ -303,6 +357,13 @@ def _run_once(state: _State, plan: Plan, repeat: int) -> Row:
         "load_1m": os.getloadavg()[0],
         "cpu_pressure": _cpu_pressure(),
     }
+
+
+def _own_variants() -> dict[str, Callable[[_State, Plan, Path], Row]]:
+    """The variants the ``commands``, ``overhead`` and ``apps`` modules run themselves."""
+    from dispatchkit.bench import apps, commands, overhead
+
+    return {**commands.VARIANTS, **overhead.VARIANTS, **apps.VARIANTS}
 
 
 def _cpu_pressure() -> float | None:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from dispatchkit.bench import BenchConfig
 
 #: The benchmark's sections (kept here too: --help must not import the benchmark).
-SECTIONS = ("main", "components", "heavy", "memory", "peers")
+SECTIONS = ("main", "components", "heavy", "memory", "commands", "overhead", "apps", "peers")
 
 Add = Callable[..., argparse.ArgumentParser]
 Flags = Callable[..., None]
@@ -29,7 +29,8 @@ EXAMPLES = """examples:
   dispatchkit bench --quick --no-kafka --out /tmp/b # smoke test, a minute
   dispatchkit bench --rows 500000 --repeats 5 --workers 1,2 --kafka-workers 2
   dispatchkit bench --sections heavy --heavy-rows 50000 --repeats 5
-  dispatchkit bench --sections memory --memory-scale 20000000
+  dispatchkit bench --sections memory --memory-scale 20000000,100000000
+  dispatchkit bench --sections commands,overhead,apps --repeats 3   # the targets' ratios
   dispatchkit bench -b 127.0.0.1:9092 --partitions 24   # an existing cluster
   dispatchkit bench --sections peers --peers --no-kafka  # vs Dask, Spark, Celery, DuckDB
 
@@ -52,6 +53,19 @@ def _counts(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give worker counts of at least 1, e.g. 1,2")
     return values
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """Row counts, comma-separated; "0" or "" for none."""
+    try:
+        values = tuple(int(v.replace("_", "")) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of row counts"
+        ) from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: row counts cannot be negative")
+    return tuple(v for v in values if v)
 
 
 def _count(text: str) -> int:
@@ -117,9 +131,10 @@ def register(add: Add, kafka_flags: Flags) -> None:
     )
     b.add_argument(
         "--memory-scale",
-        type=_count,
-        default=0,
-        help="also compare peak memory at this many rows, once (e.g. 20000000; slow)",
+        type=_sizes,
+        default=(),
+        help="also compare peak memory at these row counts, once each "
+        "(e.g. 20000000,100000000; slow)",
     )
     b.add_argument(
         "--memory-workers", type=positive_int, default=2, help="embedded workers at scale"
@@ -131,7 +146,15 @@ def register(add: Add, kafka_flags: Flags) -> None:
         help="which sections to run (memory only with --memory-scale)",
     )
     b.add_argument(
-        "--quick", action="store_true", help="smoke test: 20,000 rows, 1 repeat, 2,000 heavy rows"
+        "--overhead-jobs",
+        type=positive_int,
+        help="one-row jobs of the overhead section (default: 1000000; 5000 with --quick)"
+        "%(default).0s",
+    )
+    b.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 20,000 rows, 1 repeat, 2,000 heavy rows, 5,000 tiny jobs",
     )
     b.add_argument(
         "--peers",
@@ -190,7 +213,7 @@ def cmd_bench(args: argparse.Namespace, bars: Bars) -> int:
         partitions=args.partitions,
         task=args.task,
         heavy_rows=base.heavy_rows if args.heavy_rows is None else args.heavy_rows,
-        memory_scale=args.memory_scale,
+        memory_scales=args.memory_scale,
         memory_workers=args.memory_workers,
         sections=args.sections,
         seed=args.seed,
@@ -199,6 +222,7 @@ def cmd_bench(args: argparse.Namespace, bars: Bars) -> int:
         peers_rows=args.peers_rows,
         peers_slow_rows=args.peers_slow_rows,
         peers_slow_repeats=args.peers_slow_repeats,
+        overhead_jobs=args.overhead_jobs or base.overhead_jobs,
     )
     config = dataclasses.replace(config, command=_command(config))
 
@@ -228,8 +252,10 @@ def _command(c: BenchConfig) -> str:
     else:
         parts.append("--no-kafka")
     parts += [f"--task {c.task}", f"--heavy-rows {c.heavy_rows}"]
-    if c.memory_scale:
-        parts += [f"--memory-scale {c.memory_scale}", f"--memory-workers {c.memory_workers}"]
+    if c.memory_scales:
+        parts.append("--memory-scale " + ",".join(map(str, c.memory_scales)))
+        parts.append(f"--memory-workers {c.memory_workers}")
+    parts.append(f"--overhead-jobs {c.overhead_jobs}")
     if c.sections != SECTIONS:
         parts.append("--sections " + ",".join(c.sections))
     if c.seed != 42:
