@@ -18,6 +18,8 @@ from pathlib import Path
 
 import polars as pl
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from dispatchkit import outdir
@@ -508,3 +510,35 @@ def test_every_output_file_gets_the_same_mode_from_the_umask(
              "quarantine.csv", "dispatchkit.duckdb"]  # fmt: skip
     modes = {n: oct(stat.S_IMODE((out / n).stat().st_mode)) for n in names}
     assert set(modes.values()) == {oct(0o640)}, modes
+
+
+CHART_FAILS = """
+import pyarrow as pa
+import dispatchkit as dk
+
+app = dk.App("cf")
+app.columns(id=dk.Int(), x=dk.Float())
+app.key("id")
+
+@app.task(result={"y": pa.int64()}, reads=("x",))
+def t(key, rows):
+    return {"y": rows.num_rows}
+
+@app.chart
+def chart(results, path):
+    raise ValueError("the chart cannot be drawn")
+"""
+
+
+def test_a_failing_chart_is_one_line_exit_1_with_the_results_written(tmp_path: Path) -> None:
+    (tmp_path / "cf.py").write_text(CHART_FAILS)
+    data = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3], "x": [1.0, 2.0, 3.0]}), data)
+    out = tmp_path / "out"
+    proc = cli("run", str(data), "--app", f"{tmp_path / 'cf.py'}:app", "--task", "t",
+               "--out", str(out), "-q")  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    one_line(proc.stderr, "app 'cf': its chart failed (ValueError: the chart cannot be drawn)")
+    assert pq.read_table(out / "results.parquet").num_rows == 3
+    assert not (out / "report.png").exists()
+    no_temp_files(out)

@@ -9,7 +9,7 @@ table is handed over, and the chart is drawn while this process writes the CSV e
 The chart is the app's ``@app.chart`` function, called with the same table as in this
 process; an INCOMPLETE banner is added the same way. If the chart process cannot be
 started or dies, the chart is drawn here instead: the process is a speed-up, never a
-new way to fail. An error of the chart function itself is raised here as it would be.
+new way to fail. An error of the chart function itself is one line naming the app.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from dispatchkit import procs
 from dispatchkit.app import App, load_app
+from dispatchkit.errors import DispatchkitError, RunError
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,23 @@ class Drawing:
         self.future = future
 
     def wait(self) -> None:
-        """Until the chart is written; the chart function's own error is raised here."""
-        if self.future is not None:
-            try:
-                self.future.result()
-                return
-            except BrokenProcessPool as exc:
-                log.debug("chart process died (%s); drawing here", exc)
-        draw(self.app, self.results, self.path, self.banner)
+        """Until the chart is written; an error of the chart function is raised here as
+        one :class:`RunError` naming the app (the results files are written by then)."""
+        try:
+            if self.future is not None:
+                try:
+                    self.future.result()
+                    return
+                except BrokenProcessPool as exc:
+                    log.debug("chart process died (%s); drawing here", exc)
+            draw(self.app, self.results, self.path, self.banner)
+        except DispatchkitError:
+            raise
+        except Exception as exc:
+            raise RunError(
+                f"app {self.app.name!r}: its chart failed ({type(exc).__name__}: {exc}); "
+                "results.parquet and results.csv are written, report.png is not"
+            ) from exc
 
 
 def draw(app: App, results: pa.Table, path: Path, banner: Sequence[str]) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from dispatchkit.bench.kafka import stop_workers
 from dispatchkit.bench.measure import Measurement, measure
 from dispatchkit.errors import RunError
 
@@ -287,18 +287,6 @@ def start_workers(
         stop_workers(procs)
         raise
     return procs
-
-
-def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
 
 
 def together(*cmds: Sequence[str]) -> list[str]:

@@ -144,7 +144,7 @@ def kafka_staged(spec: dict[str, Any]) -> Outcome:
     try:
         summary = collect(settings, sent.run_id, run_spec.out, report=False)
     finally:
-        _stop(procs)
+        stop_workers(procs)
     require_complete(summary)
     phases = {"dispatch": t_dispatch, "drain": time.perf_counter() - t0 - t_dispatch}
     return Outcome(
@@ -183,7 +183,7 @@ def kafka_warm(spec: dict[str, Any]) -> Outcome:
         wall, cpu = time.perf_counter() - t0, _tree_cpu() - c0
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        _stop(procs)
+        stop_workers(procs)
     require_complete(summary)
     phases = {"dispatch": sent.seconds.get("dispatch", 0.0), **summary.seconds}
     return Outcome(
@@ -239,7 +239,8 @@ def _tree_cpu() -> float:
     return total
 
 
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process still running, then wait (kill one that takes over 30 s)."""
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
