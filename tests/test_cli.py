@@ -126,6 +126,30 @@ def test_unknown_flag_and_bad_values() -> None:
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("value", "needle"), [("3x", "is not a size like 256MB"), ("32MB", "too small (at least 64MB)")]
+)
+def test_a_bad_sort_memory_is_one_line(
+    value: str, needle: str, small_parquet: Path, tmp_path: Path
+) -> None:
+    proc = run_cli("run", str(small_parquet), "--out", str(tmp_path), "--sort-memory", value)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "results.parquet").exists()
+
+
+def test_a_run_under_the_smallest_sort_memory_spills_and_stays_exact(tmp_path: Path) -> None:
+    from dispatchkit.apps.covid.generate import GenerateSpec, generate
+
+    data = tmp_path / "d.parquet"
+    generate(GenerateSpec(rows=600_000, seed=11), data)
+    out = tmp_path / "out"
+    run = run_cli("run", str(data), "--out", str(out), "--sort-memory", "64MiB", "--no-report")
+    assert run.returncode == 0, run.stderr
+    assert "complete" in run.stdout
+    assert_exact(pl.read_parquet(out / "results.parquet"), reference(data))
+
+
 def test_unknown_task(small_parquet: Path, tmp_path: Path) -> None:
     one_line_error(
         run_cli("run", str(small_parquet), "--out", str(tmp_path), "--task", "nope"),

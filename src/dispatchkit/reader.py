@@ -60,6 +60,7 @@ import pyarrow.parquet as pq
 from dispatchkit.app import App, Bool, Column, Float, Int, Text, Timestamp
 from dispatchkit.errors import BadRowError, InputError, UsageError
 from dispatchkit.keys import Floor, KeySpec, epoch_us, floor_us_sql
+from dispatchkit.limits import DEFAULT_SORT_MEMORY
 from dispatchkit.rules import (
     SESSION_SQL,
     alias,
@@ -327,7 +328,7 @@ class InputReader:
         strict: bool = False,
         work_dir: Path | None = None,
         spill_dir: Path | None = None,
-        memory_limit: str = "384MB",
+        memory_limit: str = DEFAULT_SORT_MEMORY,
         threads: int = 2,
     ) -> None:
         if not paths:
@@ -819,4 +820,7 @@ def _require_columns(path: Path, names: list[str], columns: Sequence[str]) -> No
 
 
 def _short(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, duckdb.OutOfMemoryException):
+        text += "; give the reader more memory with --sort-memory"
+    return text

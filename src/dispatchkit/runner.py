@@ -29,6 +29,7 @@ from dispatchkit.dispatcher import DEFAULT_MAX_MESSAGE_BYTES, Dispatcher, too_bi
 from dispatchkit.errors import InputError, RunError, UsageError
 from dispatchkit.identity import run_identity
 from dispatchkit.keys import key_text
+from dispatchkit.limits import DEFAULT_SORT_MEMORY
 from dispatchkit.message import SCHEMA_VERSION, Manifest
 from dispatchkit.outcome import DEFAULT_MAX_BAD_ROWS, BadRowBudget, check_rows
 from dispatchkit.outdir import holds_out_dir
@@ -68,7 +69,7 @@ class RunSpec:
         default_factory=lambda: BadRowBudget.parse(DEFAULT_MAX_BAD_ROWS)
     )
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    memory_limit: str = "384MB"
+    memory_limit: str = DEFAULT_SORT_MEMORY
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     report: bool = True
     quiet: bool = False

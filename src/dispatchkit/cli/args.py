@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from dispatchkit.brokers.kafka.settings import KafkaSettings, load_settings
 from dispatchkit.errors import UsageError
+from dispatchkit.limits import DEFAULT_SORT_MEMORY
 
 if TYPE_CHECKING:
     from dispatchkit.outcome import BadRowBudget
@@ -54,6 +56,34 @@ def bad_row_budget(text: str) -> BadRowBudget:
         return BadRowBudget.parse(text)
     except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--max-bad-rows ")) from None
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*", re.IGNORECASE)
+
+
+def add_sort_memory_flag(p: argparse.ArgumentParser) -> None:
+    """``--sort-memory``: the reader's DuckDB memory limit (the run's largest allocation)."""
+    p.add_argument(
+        "--sort-memory",
+        type=memory_size,
+        default=DEFAULT_SORT_MEMORY,
+        metavar="SIZE",
+        help="memory for reading and sorting the input, e.g. 256MB or 2GB; a bigger input "
+        "spills the sort to disk under --out",
+    )
+
+
+def memory_size(text: str) -> str:
+    """A size DuckDB's ``memory_limit`` takes (``256MB``, ``1.5GiB``), of at least 64 MB."""
+    m = _SIZE.fullmatch(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 256MB or 2GB")
+    number, unit = float(m.group(1)), m.group(2).upper()
+    scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+    scale |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    if number * scale[unit] < 64e6:  # below, reading the input alone runs out of it
+        raise argparse.ArgumentTypeError(f"{text!r} is too small (at least 64MB)")
+    return f"{m.group(1)}{m.group(2)}"
 
 
 def add_kafka_flags(p: argparse.ArgumentParser, *, required: bool) -> None:

@@ -10,6 +10,7 @@ from dispatchkit.cli.args import (
     add_app_flag,
     add_bad_rows_flag,
     add_metrics_flag,
+    add_sort_memory_flag,
     iso_date,
     kafka_settings_from_args,
     positive_int,
@@ -48,6 +49,7 @@ def register(add: Add, kafka_flags: Flags) -> None:
         default=900_000,
         help="largest job batch message; bigger jobs are split into parts",
     )
+    add_sort_memory_flag(d)
     add_metrics_flag(d)
     kafka_flags(d, required=True)
 
@@ -190,6 +192,7 @@ def cmd_dispatch(args: argparse.Namespace, bars: Bars) -> int:
         strict=args.strict,
         max_bad_rows=args.max_bad_rows,
         max_message_bytes=args.max_message_bytes,
+        memory_limit=args.sort_memory,
         app=args.app,
     )
     summary = dispatch(spec, settings, bars)

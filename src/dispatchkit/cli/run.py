@@ -13,6 +13,7 @@ from dispatchkit.cli.args import (
     add_app_flag,
     add_bad_rows_flag,
     add_metrics_flag,
+    add_sort_memory_flag,
     iso_date,
     kafka_settings_from_args,
     positive_int,
@@ -100,6 +101,7 @@ def register(add: Add, kafka_flags: Flags) -> None:
         default=900_000,
         help="largest job batch message; bigger jobs are split into parts",
     )
+    add_sort_memory_flag(r)
     r.add_argument("--no-report", action="store_true", help="skip report.png")
     r.add_argument("--broker", choices=["embedded", "kafka"], default="embedded", help="transport")
     add_metrics_flag(r)
@@ -226,6 +228,7 @@ def cmd_run(args: argparse.Namespace, bars: Bars) -> int:
         strict=args.strict,
         max_bad_rows=args.max_bad_rows,
         max_message_bytes=args.max_message_bytes,
+        memory_limit=args.sort_memory,
         retry=RetryPolicy(attempts=args.attempts),
         report=not args.no_report,
         app=args.app,

@@ -1,0 +1,8 @@
+"""Default bounds of a run's resources, shared by the library and the command line."""
+
+from __future__ import annotations
+
+#: DuckDB's memory for reading and sorting the input (its ``memory_limit``): the largest
+#: allocation of a run's process. Beyond it the sort spills to disk under the output
+#: directory, so the input's size does not raise it.
+DEFAULT_SORT_MEMORY = "256MB"
