@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dispatchkit import arrays
 from dispatchkit.dispatcher import Dispatcher
@@ -35,6 +37,32 @@ def test_array_is_what_pyarrow_builds(values: list[object], type_: pa.DataType) 
     assert got.to_pylist() == pa.array(values, type_).to_pylist() or (
         type_ == pa.float64() and str(got) == str(pa.array(values, type_))  # NaN != NaN
     )
+
+
+@given(st.lists(st.text(), max_size=40))
+def test_strings_ascii_or_not_are_what_pyarrow_builds(values: list[str]) -> None:
+    got = arrays.strings(values)
+    got.validate(full=True)
+    assert got.equals(pa.array(values, pa.string()))
+
+
+@given(
+    st.one_of(
+        st.tuples(st.text(max_size=12), st.just(pa.string())),
+        st.tuples(st.integers(-(2**63), 2**63 - 1), st.just(pa.int64())),
+        st.tuples(st.integers(-(2**31), 2**31 - 1), st.just(pa.int32())),
+        st.tuples(st.floats(allow_nan=False), st.just(pa.float64())),
+        st.tuples(st.booleans(), st.just(pa.bool_())),
+        st.tuples(st.integers(0, 2**50), st.just(pa.timestamp("us", tz="UTC"))),
+    ),
+    st.integers(0, 70),
+)
+def test_repeat_is_n_copies(value_type: tuple[object, pa.DataType], n: int) -> None:
+    value, type_ = value_type
+    got = arrays.repeat(value, n, type_)
+    got.validate(full=True)
+    storage = pa.int64() if pa.types.is_timestamp(type_) else type_
+    assert got.equals(pa.array([value] * n, storage).cast(type_))
 
 
 def test_timestamps_are_given_as_their_storage() -> None:
