@@ -12,6 +12,9 @@ The library API — everything the CLI does is one of these calls::
 
     generate(GenerateSpec(rows=200_000), Path("data/covid.parquet"))
     summary = run_embedded(RunSpec(input="data/covid.parquet", out=Path("out"), workers=4))
+
+In a script, call ``run_embedded`` under ``if __name__ == "__main__":``: its workers are
+multiprocessing forkserver children, which import the main module.
 """
 
 from typing import TYPE_CHECKING

@@ -783,7 +783,13 @@ class InputReader:
             ).to_arrow_reader(rows_per_batch)  # sorted: insertion order is kept
         except duckdb.Error as exc:
             raise InputError(f"cannot read input: {_short(exc)}") from None
-        for batch in reader:
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            except (duckdb.Error, OSError) as exc:  # DuckDB's error, through Arrow's stream
+                raise InputError(f"cannot read input: {_short(exc)}") from None
             yield _conform(batch, schema)
 
 
@@ -821,6 +827,6 @@ def _require_columns(path: Path, names: list[str], columns: Sequence[str]) -> No
 
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    if isinstance(exc, duckdb.OutOfMemoryException):
+    if isinstance(exc, duckdb.OutOfMemoryException) or text.startswith("Out of Memory"):
         text += "; give the reader more memory with --sort-memory"
     return text
