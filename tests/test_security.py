@@ -17,12 +17,17 @@ from dispatchkit.cli import build_parser
 from dispatchkit.errors import UsageError
 
 from .conftest import IN_CI, assert_exact, reference
+from .fault_helpers import reserve_base_port
 from .kafka_helpers import REPO
 
 PASSWORD = "s3cr3t-Pa55w0rd-xyzzy"
 USER = "dkuser"
-SCRAM_PORT = 36092
-TLS_PORT = 37092  # client 37092, controller 37192, internal 37292
+
+
+def start_failure(stderr: str) -> str:
+    """What a failed ``scripts/kafka start`` said: its ERROR lines first, then its tail."""
+    errors = [line for line in stderr.splitlines() if " ERROR " in line or "FATAL" in line]
+    return "\n".join([*errors[:10], "…", stderr[-1500:]])
 
 
 @pytest.fixture(scope="module")
@@ -30,25 +35,28 @@ def scram_broker() -> Iterator[str]:
     if not os.environ.get("DISPATCHKIT_BOOTSTRAP_SERVERS") and not IN_CI:
         pytest.skip("Kafka tests run with `make test`")
     env = dict(os.environ, KAFKA_SCRAM_PASSWORD=PASSWORD)
-    proc = subprocess.run(
-        [
-            str(REPO / "scripts" / "kafka"),
-            "start",
-            "--name",
-            "scramtest",
-            "--port",
-            str(SCRAM_PORT),
-            "--scram",
-            USER,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=180,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert PASSWORD not in proc.stdout + proc.stderr
+    # Ports below the ephemeral range, reserved: a fixed port up there can be taken by
+    # one of the suite's own client connections.
+    port, lock = reserve_base_port(1)
     try:
+        proc = subprocess.run(
+            [
+                str(REPO / "scripts" / "kafka"),
+                "start",
+                "--name",
+                "scramtest",
+                "--port",
+                str(port),
+                "--scram",
+                USER,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=180,
+        )
+        assert proc.returncode == 0, start_failure(proc.stderr)
+        assert PASSWORD not in proc.stdout + proc.stderr
         yield proc.stdout.strip().splitlines()[-1]
     finally:
         subprocess.run(
@@ -56,6 +64,7 @@ def scram_broker() -> Iterator[str]:
             capture_output=True,
             timeout=120,
         )
+        os.close(lock)
 
 
 def sasl_env(password: str) -> dict[str, str]:
@@ -139,6 +148,7 @@ def tls_broker() -> Iterator[tuple[str, Path]]:
         pytest.skip("Kafka tests run with `make test`")
     kafka = str(REPO / "scripts" / "kafka")
     env = dict(os.environ, KAFKA_SCRAM_PASSWORD=PASSWORD)
+    port, lock = reserve_base_port(1)  # client, controller (+100), internal (+200)
     try:
         proc = subprocess.run(
             [
@@ -147,7 +157,7 @@ def tls_broker() -> Iterator[tuple[str, Path]]:
                 "--name",
                 "tlstest",
                 "--port",
-                str(TLS_PORT),
+                str(port),
                 "--scram",
                 USER,
                 "--tls",
@@ -157,7 +167,7 @@ def tls_broker() -> Iterator[tuple[str, Path]]:
             env=env,
             timeout=180,
         )
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.returncode == 0, start_failure(proc.stderr)
         assert PASSWORD not in proc.stdout + proc.stderr
         ca = subprocess.run(
             [kafka, "ca", "--name", "tlstest"], capture_output=True, text=True, timeout=60
@@ -168,6 +178,7 @@ def tls_broker() -> Iterator[tuple[str, Path]]:
         subprocess.run(
             [kafka, "stop", "--name", "tlstest", "--purge"], capture_output=True, timeout=120
         )
+        os.close(lock)
 
 
 def tls_flags(ca: Path | None, mechanism: str = "SCRAM-SHA-512") -> list[str]:
