@@ -174,7 +174,7 @@ def mark_chart(path: Path, lines: list[str]) -> None:
         )
     fig.patches.append(_band(fig, banner / (height + banner)))
     with atomic_path(path) as tmp, tmp.open("wb") as fh:
-        fig.savefig(fh, format="png", dpi=dpi, facecolor="white")
+        fig.savefig(fh, format="png", dpi=dpi, facecolor="white", pil_kwargs={"compress_level": 1})
 
 
 def _band(fig: Figure, fraction: float) -> Rectangle:

@@ -108,6 +108,18 @@ def fork_context(
     return ctx
 
 
+def start_fork_server(preload: Sequence[str] = PRELOAD) -> None:
+    """Start :func:`fork_context`'s fork server now; it imports ``preload`` in the
+    background, beside this process's own imports (``run`` imports DuckDB, Polars and
+    the rest for most of a second) rather than after them. No-op without a fork server."""
+    if fork_context(preload).get_start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    with signals_deferred():  # as for every child: a Ctrl-C now is the parent's
+        forkserver.ensure_running()
+
+
 @dataclass(frozen=True)
 class Origin:
     """What a child of :func:`fork_context` takes from the process that asked for it:

@@ -1,16 +1,19 @@
 """The results store and run ledger: one DuckDB file per output directory.
 
-Why DuckDB: the results are a table that we upsert in bulk (tens of thousands of rows at
-a time, straight from Arrow), aggregate (split jobs add their parts up) and export to
-Parquet and CSV — DuckDB does all three in-process with no server, and its primary keys
-make the upsert idempotent. SQLite would need row-by-row inserts and a Parquet writer on
-the side; plain Parquet files cannot upsert.
+Why DuckDB: the results are a table that we append to in bulk (tens of thousands of rows
+at a time, straight from Arrow), aggregate (split jobs add their parts up) and export to
+Parquet and CSV — DuckDB does all three in-process with no server. SQLite would need
+row-by-row inserts and a Parquet writer on the side; plain Parquet files cannot tell
+which parts they hold.
 
 Tables:
 
 ``runs``   one row per run id — input fingerprint, task, status, totals.
-``parts``  one row per job part, primary key ``(run_id, job_id, part)``; a part written
-           twice (a redone job) is kept once, so storing is idempotent.
+``parts``  one row per job part ``(run_id, job_id, part)``; a part written twice (a
+           redone job) is kept once, so storing is idempotent. The store decides which
+           parts are new itself (:mod:`dispatchkit.seen`) rather than through a primary
+           key, whose index inserts cost more than the rest of storing; and a job counts
+           as done only with each of its parts stored exactly once.
 ``read_positions``  the Kafka collector's next offset per (run, topic, partition), with
            the topic's id: written in the same transaction as the parts they read, so the
            store alone says where its collector goes on (offsets stored with the data).
@@ -30,6 +33,7 @@ from pathlib import Path
 from types import TracebackType
 
 import duckdb
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -38,6 +42,7 @@ from dispatchkit import identity as ids
 from dispatchkit.app import App, Task
 from dispatchkit.errors import RunError, StoreError
 from dispatchkit.positions import ReadPositions
+from dispatchkit.seen import Fingerprints, first_of_equal, sharing
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -67,6 +72,9 @@ CREATE TABLE IF NOT EXISTS read_positions (
     PRIMARY KEY (run_id, topic, partition)
 );
 """
+
+#: SQL of a part's fingerprint (:mod:`dispatchkit.seen`), the same over any table of parts.
+_FINGERPRINT = "hash(CAST(job_id AS VARCHAR), CAST(part AS INTEGER))"
 
 #: Columns of every parts table before the app's key, result and state columns.
 _ID_COLUMNS = ("run_id", "job_id", "part", "parts", "state")
@@ -153,6 +161,7 @@ class ResultStore:
         self._buffered = 0
         self._layouts: dict[str, Layout] = {}
         self._tasks: dict[str, Task] = {}
+        self._seen: dict[str, Fingerprints] = {}  # per run: the parts stored
         self.duplicates = 0
 
     def __enter__(self) -> ResultStore:
@@ -254,10 +263,8 @@ class ResultStore:
         finally:
             self.con.unregister("layout_probe")
         cols = ", ".join(f"{_q(str(name))} {kind}" for name, kind, *_ in types)
-        self.con.execute(
-            f"CREATE TABLE IF NOT EXISTS {layout.table} ({cols}, "
-            "PRIMARY KEY (run_id, job_id, part))"
-        )
+        # No primary key (see the module's docstring); tables made with one still work.
+        self.con.execute(f"CREATE TABLE IF NOT EXISTS {layout.table} ({cols})")
         self._layouts[run_id] = layout
         self._tasks[run_id] = task
         return layout
@@ -333,7 +340,7 @@ class ResultStore:
             return 0
         self.con.execute("BEGIN TRANSACTION")
         try:
-            new = self._insert_buffer()
+            new, stored = self._insert_buffer()
             if positions is not None:
                 self._write_positions(positions)
             self.con.execute("COMMIT")
@@ -341,6 +348,8 @@ class ResultStore:
             with contextlib.suppress(duckdb.Error):  # a failed COMMIT has rolled back already
                 self.con.execute("ROLLBACK")
             raise
+        for run_id, fingerprints in stored:  # held once they are on disk
+            self._seen[run_id].add(fingerprints)
         self.duplicates += self._buffered - new
         self._buffer, self._buffered = [], 0
         return new
@@ -358,45 +367,97 @@ class ResultStore:
         if rows:
             self.con.executemany("INSERT INTO read_positions VALUES (?, ?, ?, ?, ?, ?)", rows)
 
-    def _insert_buffer(self) -> int:
-        if not self._buffer:
-            return 0
-        new = 0
-        by_table: dict[str, list[pa.Table]] = {}
+    def _insert_buffer(self) -> tuple[int, list[tuple[str, np.ndarray]]]:
+        """Insert the buffered parts not stored yet; returns how many were inserted and,
+        per run, their fingerprints (held once the transaction commits)."""
+        by_run: dict[str, list[pa.Table]] = {}
         for table in self._buffer:
-            name = self._table_of(table)
-            by_table.setdefault(name, []).append(table)
-        for name, tables in by_table.items():
-            incoming = pa.concat_tables(tables)
-            before = self._count(name)
-            self.con.register("incoming", incoming)
-            try:
-                # A part already stored, or repeated within the batch, is kept once.
-                self.con.execute(
-                    f"INSERT INTO {name} SELECT * FROM incoming ON CONFLICT DO NOTHING"
+            by_run.setdefault(str(table.column("run_id")[0].as_py()), []).append(table)
+        new, stored = 0, []
+        for run_id, tables in by_run.items():
+            n, fingerprints = self._insert_new(run_id, pa.concat_tables(tables))
+            new += n
+            stored.append((run_id, fingerprints))
+        return new, stored
+
+    def _insert_new(self, run_id: str, incoming: pa.Table) -> tuple[int, np.ndarray]:
+        """Insert the parts of ``incoming`` (one run) that are not stored and not repeated
+        earlier in it (:mod:`dispatchkit.seen`); returns their count and fingerprints."""
+        name = self.layout(run_id).table
+        seen = self._fingerprints(run_id, name)
+        self.con.register("incoming", incoming)
+        try:
+            fingerprints = self.con.execute(
+                f"SELECT {_FINGERPRINT} AS h FROM incoming"
+            ).fetchnumpy()["h"]
+            fingerprints = np.asarray(fingerprints, dtype=np.uint64)
+            keep = np.ones(incoming.num_rows, dtype=np.bool_)
+            rows = sharing(fingerprints)
+            if len(rows):  # repeated in the batch, or a collision: compare the ids
+                keep = first_of_equal(
+                    incoming.num_rows,
+                    rows,
+                    incoming.column("job_id").take(rows).to_pylist(),
+                    incoming.column("part").take(rows).to_pylist(),
                 )
-            finally:
+            maybe = np.flatnonzero(keep & seen.holds(fingerprints))
+            if len(maybe):  # stored before, or a collision: ask the table
+                keep[self._stored_rows(run_id, name, incoming, maybe)] = False
+            if keep.all():
+                self.con.execute(f"INSERT INTO {name} SELECT * FROM incoming")
+            elif keep.any():
                 self.con.unregister("incoming")
-            new += self._count(name) - before
-        return new
+                self.con.register("incoming", incoming.filter(pa.array(keep)))
+                self.con.execute(f"INSERT INTO {name} SELECT * FROM incoming")
+        finally:
+            self.con.unregister("incoming")
+        return int(keep.sum()), fingerprints[keep]
 
-    def _table_of(self, table: pa.Table) -> str:
-        run_id = table.column("run_id")[0].as_py()
-        return self.layout(str(run_id)).table
+    def _fingerprints(self, run_id: str, table: str) -> Fingerprints:
+        """The fingerprints of the run's stored parts, read from its table the first time."""
+        seen = self._seen.get(run_id)
+        if seen is None:
+            seen = Fingerprints()
+            held = self.con.execute(
+                f"SELECT {_FINGERPRINT} AS h FROM {table} WHERE run_id = ?", [run_id]
+            ).fetchnumpy()["h"]
+            seen.add(np.asarray(held, dtype=np.uint64))
+            self._seen[run_id] = seen
+        return seen
 
-    def _count(self, table: str) -> int:
-        row = self.con.execute(f"SELECT count(*) FROM {table}").fetchall()
-        return int(row[0][0]) if row else 0
+    def _stored_rows(
+        self, run_id: str, table: str, incoming: pa.Table, rows: np.ndarray
+    ) -> list[int]:
+        """Which of ``rows`` of ``incoming`` have their ``(job_id, part)`` in the table."""
+        asked = pa.table(
+            {
+                "i": pa.array(rows, pa.int64()),
+                "job_id": incoming.column("job_id").take(rows),
+                "part": incoming.column("part").take(rows),
+            }
+        )
+        self.con.register("asked", asked)
+        try:
+            found = self.con.execute(
+                f"SELECT a.i FROM asked a WHERE EXISTS (SELECT 1 FROM {table} t "
+                "WHERE t.run_id = ? AND t.job_id = a.job_id AND t.part = a.part)",
+                [run_id],
+            ).fetchall()
+        finally:
+            self.con.unregister("asked")
+        return [int(r[0]) for r in found]
 
     def _complete(self, layout: Layout) -> str:
-        """Job parts of complete splits: every part of one ``parts`` count is stored;
-        parts of different splits never add up (part 0 of 1 and parts 1-9 of 10 is no
-        job). One split per job, should a job ever have been cut two ways."""
+        """Job parts of complete splits: every part of one ``parts`` count is stored,
+        once; parts of different splits never add up (part 0 of 1 and parts 1-9 of 10 is
+        no job). One split per job, should a job ever have been cut two ways. A part
+        stored twice (which the store does not do) leaves its job not done: refused,
+        never counted twice."""
         return f"""
             SELECT * FROM {layout.table}
             WHERE run_id = ? AND (job_id, parts) IN (
                 SELECT job_id, parts FROM {layout.table} WHERE run_id = ?
-                GROUP BY job_id, parts HAVING count(*) = parts
+                GROUP BY job_id, parts HAVING count(*) = parts AND count(DISTINCT part) = parts
                 QUALIFY row_number() OVER (PARTITION BY job_id ORDER BY parts) = 1
             )"""
 

@@ -199,6 +199,10 @@ def check_message_bytes(run_id: str | None, max_message_bytes: int) -> None:
 
 
 def cmd_run(args: argparse.Namespace, bars: Bars) -> int:
+    if args.broker != "kafka":  # the workers' fork server imports while this one does
+        from dispatchkit import procs
+
+        procs.start_fork_server()
     from dispatchkit.runner import RunSpec, run_embedded
     from dispatchkit.worker import RetryPolicy
 
