@@ -24,9 +24,7 @@ from dispatchkit.keys import (
     floor_us_sql,
     iso_ns,
     job_id,
-    job_ids,
     key_text,
-    table_job_ids,
 )
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -257,46 +255,3 @@ def test_iso_ns() -> None:
     assert iso_ns(1_000) == "1970-01-01T00:00:00.000001Z"
     assert iso_ns(INT64_MIN) == "1677-09-21T00:12:43.145224192Z"
     assert iso_ns(INT64_MAX) == "2262-04-11T23:47:16.854775807Z"
-
-
-# -- job ids of a key table ---------------------------------------------------------------
-
-key_columns = st.sampled_from(["text", "int", "bool", "time"])
-
-
-def _column(kind: str, n: int, draw: st.DrawFn) -> pa.Array:
-    nullable = draw(st.booleans())
-
-    def maybe(values: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
-        return st.one_of(st.none(), values) if nullable else values
-
-    if kind == "text":
-        return pa.array(draw(st.lists(maybe(st.text()), min_size=n, max_size=n)), pa.string())
-    if kind == "int":
-        ints = st.integers(-(2**63), 2**63 - 1)
-        return pa.array(draw(st.lists(maybe(ints), min_size=n, max_size=n)), pa.int64())
-    if kind == "bool":
-        return pa.array(draw(st.lists(maybe(st.booleans()), min_size=n, max_size=n)), pa.bool_())
-    micros = st.integers(-(2**62), 2**62)
-    values = draw(st.lists(maybe(micros), min_size=n, max_size=n))
-    return pa.array(values, pa.int64()).cast(pa.timestamp("us", tz="UTC"))
-
-
-@st.composite
-def key_tables(draw: st.DrawFn) -> pa.Table:
-    n = draw(st.integers(0, 8))
-    kinds = draw(st.lists(key_columns, min_size=1, max_size=3))
-    return pa.table({f"k{i}": _column(kind, n, draw) for i, kind in enumerate(kinds)})
-
-
-@given(key_tables(), st.text(max_size=5))
-def test_table_job_ids_are_the_ids_of_the_envelopes_key_tuples(keys: pa.Table, run: str) -> None:
-    """The dispatcher's vectorized ids equal :func:`job_ids` of the keys as the envelope
-    carries them (timestamps as integer epoch microseconds), nulls and any text too."""
-    columns = []
-    for column in keys.columns:
-        if pa.types.is_timestamp(column.type):
-            column = column.cast(pa.int64())
-        columns.append(column.to_pylist())
-    tuples = list(zip(*columns, strict=True))
-    assert table_job_ids(run, "app", "task", keys) == job_ids(run, "app", "task", tuples)

@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 from dispatchkit import arrays, metrics, wire
 from dispatchkit.app import App, Task
 from dispatchkit.errors import RunError, UsageError
-from dispatchkit.keys import key_text, table_job_ids
+from dispatchkit.keys import job_ids, key_text
 from dispatchkit.prefetch import prefetched
 
 #: Kafka's default message limit is 1 MB; leave room for the headers.
@@ -219,7 +219,7 @@ class Dispatcher:
         key_rows = table.select(self.key_names).take(first_rows)
         _, _, keys = wire.key_lists(key_rows)
         buckets = arrays.to_numpy(table.column(BUCKET).take(first_rows))
-        ids = table_job_ids(self.run_id, self.app.name, self.task.name, key_rows)
+        ids = job_ids(self.run_id, self.app.name, self.task.name, keys)
         self._check_contiguous(buckets, ids, keys)
         stats.jobs += len(ids)
         stats.rows_cut += n

@@ -314,59 +314,6 @@ def job_ids(run_id: str, app: str, task: str, keys: Iterable[Sequence[object]]) 
     return out
 
 
-def table_job_ids(run_id: str, app: str, task: str, keys: pa.Table) -> list[str]:
-    """:func:`job_ids` of a table of keys, one row per job, as the dispatcher cuts them.
-
-    The same ids as :func:`job_ids` of the rows as tuples, with timestamps as integer
-    epoch microseconds (the envelope's form): the key values' tokens are built in Arrow,
-    column by column, and only the digest is taken per job in Python.
-    """
-    import pyarrow.compute as pc  # not at import: a worker has no use for it
-
-    base = hashlib.blake2b(digest_size=10)
-    for part in (run_id, app, task):
-        raw = part.encode()
-        base.update(f"{len(raw)}:".encode() + raw)
-    if keys.num_rows == 0:
-        return []
-    made = [_arrow_tokens(keys.column(i)) for i in range(keys.num_columns)]
-    tokens = [t for t in made if t is not None]
-    if len(tokens) < len(made):  # a null or another type: the general encoding
-        columns = []
-        for column in keys.columns:
-            if pa.types.is_timestamp(column.type):
-                column = column.cast(pa.int64())
-            columns.append(column.to_pylist())
-        return job_ids(run_id, app, task, list(zip(*columns, strict=True)))
-    joined = pc.binary_join_element_wise(*tokens, "") if len(tokens) > 1 else tokens[0]
-    out = []
-    for raw in joined.cast(pa.binary()).to_pylist():
-        digest = base.copy()
-        digest.update(raw)
-        out.append(digest.hexdigest())
-    return out
-
-
-def _arrow_tokens(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array | None:
-    """The ``len:typed text`` token of every value of a key column, or ``None`` when the
-    column has nulls or a type without a vectorized token (see :func:`_token`)."""
-    import pyarrow.compute as pc
-
-    if column.null_count:
-        return None
-    kind = column.type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        raw = pc.binary_join_element_wise("s", column.cast(pa.string()), "")
-    elif pa.types.is_integer(kind) or pa.types.is_timestamp(kind):
-        raw = pc.binary_join_element_wise("i", column.cast(pa.int64()).cast(pa.string()), "")
-    elif pa.types.is_boolean(kind):
-        raw = pc.if_else(column, "b1", "b0")
-    else:
-        return None
-    length = pc.binary_length(raw).cast(pa.string())
-    return pc.binary_join_element_wise(length, raw, ":")
-
-
 def _tokens(values: list[object]) -> list[bytes]:
     """:func:`_token` of every value of one key column, fast for one-typed columns."""
     kinds = {type(v) for v in values}
