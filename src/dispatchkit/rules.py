@@ -318,11 +318,12 @@ def compile_column(
             )
     elif isinstance(column, Bool):
         if kind == "text":
-            t = f"lower({text})"
-            value = (
-                f"CASE WHEN {t} IN ({_list(column.true)}) THEN true "
-                f"WHEN {t} IN ({_list(column.false)}) THEN false END"
-            )
+            # One look-up of the lower-cased text in a constant map (not two IN lists
+            # over it): the text is trimmed and lower-cased once a row. The spellings of
+            # true and false are disjoint (Bool checks), so the map is well defined.
+            pairs = [f"{literal(w)}: true" for w in column.true]
+            pairs += [f"{literal(w)}: false" for w in column.false]
+            value = f"MAP {{{', '.join(pairs)}}}[lower({text})]"
             check(
                 "invalid",
                 f"{name} is not an accepted spelling of true/false",
