@@ -1,7 +1,7 @@
 """Which job parts a store already holds: exact, without an index on disk.
 
-A primary key on ``(run_id, job_id, part)`` made every stored part an index insert,
-most of the cost of storing results. The store keeps instead, per run, the 64-bit
+A primary key on ``(run_id, job_id, part)`` would make every stored part an index
+insert, most of the cost of storing results. The store keeps instead, per run, the 64-bit
 fingerprints of the parts it holds (:class:`Fingerprints`, 8 bytes a part), and decides
 for each incoming part:
 
