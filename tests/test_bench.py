@@ -197,3 +197,29 @@ def test_peers_are_asked_for_and_a_missing_one_says_what_to_install(
     )
     tool = peers.Peer("x", "x", (), program="no-such-program-dk", program_hint="it")
     assert peers.missing(tool) == "x skipped: no-such-program-dk not found — needs it"
+
+
+def test_the_memory_growth_target_compares_the_two_largest_scales() -> None:
+    from dispatchkit.bench import goals
+
+    def row(rows: int, mb: float) -> dict[str, object]:
+        return {
+            "section": "memory",
+            "key": f"embedded-2-{rows}",
+            "variant": "embedded ×2",
+            "workers": 2,
+            "rows": rows,
+            "peak_rss_max_mb": mb,
+            "wall_median_s": rows / 1e6,
+        }
+
+    # 2M is far below the others; 20M → 100M grows 9%, within the target.
+    judged = goals.memory([row(2_000_000, 440.0), row(100_000_000, 678.0), row(20_000_000, 622.0)])
+    growth = next(e for e in judged if e["target"] == goals.GROWTH)
+    assert growth["met"] is True
+    assert "20,000,000 → 100,000,000" in growth["measured"]
+    judged = goals.memory([row(2_000_000, 600.0), row(20_000_000, 440.0), row(100_000_000, 678.0)])
+    growth = next(e for e in judged if e["target"] == goals.GROWTH)
+    assert growth["met"] is False and growth["measured"].startswith("1.54×")
+    judged = goals.memory([row(20_000_000, 500.0)])
+    assert next(e for e in judged if e["target"] == goals.GROWTH)["met"] is None
