@@ -146,6 +146,14 @@ def test_an_incomplete_run_names_what_is_missing_in_summary_and_chart(
     marked = mpimg.imread(str(out / "report.png"))
     # The app's own picture is kept whole below the banner.
     assert marked.shape[0] > ok_image.shape[0] and marked.shape[1] == ok_image.shape[1]
+    # A chart redrawn from the results says so too; one of a complete run does not.
+    redrawn = cli("report", str(out / "results.parquet"), "--out", str(tmp_path / "re.png"))
+    assert redrawn.returncode == 0, redrawn.stderr
+    assert f"INCOMPLETE: {swedish:,} of {ref.height:,} jobs missing" in redrawn.stdout
+    assert banner(tmp_path / "re.png")
+    again = cli("report", str(tmp_path / "ok" / "results.parquet"), "--out", str(tmp_path / "c.png"))
+    assert again.returncode == 0, again.stderr
+    assert "INCOMPLETE" not in again.stdout and not banner(tmp_path / "c.png")
 
 
 def test_every_app_gets_the_incomplete_mark(tmp_path: Path) -> None:
@@ -161,6 +169,10 @@ def test_every_app_gets_the_incomplete_mark(tmp_path: Path) -> None:
     assert "INCOMPLETE: 14 of 280 jobs missing" in proc.stdout
     assert "14 dead-lettered jobs: store_id=3 (14 jobs)" in proc.stdout
     assert banner(out / "report.png")
+    redrawn = cli("report", str(out / "results.parquet"), "--app", "examples/sales/app.py:app",
+                  "--out", str(tmp_path / "re.png"))  # fmt: skip
+    assert redrawn.returncode == 0, redrawn.stderr
+    assert banner(tmp_path / "re.png")
 
 
 def test_missing_jobs_without_dead_letters_are_counted() -> None:

@@ -405,25 +405,25 @@ def export(
     t0 = time.perf_counter()
     results = store.results(run_id)
     summary.jobs_done = results.height
+    # an incomplete run's chart names what is missing (never passes for the whole)
+    banner = (
+        missing_lines(summary.jobs, summary.jobs_done, summary.failed_jobs)
+        if summary.jobs_done < summary.jobs
+        else []
+    )
     if report and results.height and app.chart_fn is not None:
         path = out / "report.png"
-        # an incomplete run's chart names what is missing (never passes for the whole)
-        banner = (
-            missing_lines(summary.jobs, summary.jobs_done, summary.failed_jobs)
-            if summary.jobs_done < summary.jobs
-            else []
-        )
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             table = results.to_arrow()
             drawing = (charts or ChartProcess(app, None)).submit(table, tmp, banner)
             try:
-                pq_path, csv_path = write_results(results, out)
+                pq_path, csv_path = write_results(results, out, banner)
             finally:
                 drawing.wait()  # before the temp file may be removed
         summary.files["report.png"] = path
     else:
-        pq_path, csv_path = write_results(results, out)
+        pq_path, csv_path = write_results(results, out, banner)
     summary.files["results.parquet"] = pq_path
     summary.files["results.csv"] = csv_path
     if report and app.chart_fn is None:

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -535,9 +536,17 @@ class ResultStore:
         return [pa.Table.from_pylist(out)]
 
 
-def write_results(results: pl.DataFrame, out_dir: Path) -> tuple[Path, Path]:
+#: The key of results.parquet's metadata holding an incomplete run's banner lines (JSON).
+INCOMPLETE_KEY = "dispatchkit.incomplete"
+
+
+def write_results(
+    results: pl.DataFrame, out_dir: Path, incomplete: Sequence[str] = ()
+) -> tuple[Path, Path]:
     """Write ``results.parquet`` and ``results.csv`` (ISO 8601 UTC hours) atomically.
 
+    ``incomplete``, the lines saying what an incomplete run lacks, is kept in the Parquet
+    file's metadata (:data:`INCOMPLETE_KEY`), so a chart redrawn from it says so too.
     Each is written to a temp file beside it and renamed; a failed write (disk full, …)
     removes its temp file and raises :class:`~dispatchkit.errors.OutputError`.
     """
@@ -545,14 +554,36 @@ def write_results(results: pl.DataFrame, out_dir: Path) -> tuple[Path, Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pq_path, csv_path = out_dir / "results.parquet", out_dir / "results.csv"
+    metadata = {INCOMPLETE_KEY: json.dumps(list(incomplete))} if incomplete else None
     with atomic_path(pq_path) as tmp:
-        results.write_parquet(tmp)
+        results.write_parquet(tmp, metadata=metadata)
     times = [n for n, t in results.schema.items() if isinstance(t, pl.Datetime)]
     with atomic_path(csv_path) as tmp:
         results.with_columns(
             [pl.col(n).dt.strftime("%Y-%m-%dT%H:%M:%SZ") for n in times]
         ).write_csv(tmp)
     return pq_path, csv_path
+
+
+def incomplete_lines(path: Path) -> list[str]:
+    """The banner lines :func:`write_results` kept in a results Parquet file (none if
+    the run was complete, or the file is not Parquet or not readable)."""
+    import pyarrow.parquet as pq
+
+    if path.suffix != ".parquet":
+        return []
+    try:
+        metadata = pq.read_metadata(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return []
+    raw = metadata.get(INCOMPLETE_KEY.encode())
+    if raw is None:
+        return []
+    try:
+        lines = json.loads(raw)
+    except ValueError:
+        return []
+    return [str(line) for line in lines] if isinstance(lines, list) else []
 
 
 def _open_error(path: str, exc: duckdb.Error) -> str:

@@ -328,8 +328,20 @@ def cmd_report(args: argparse.Namespace, bars: Bars) -> int:
         out = plot_report_file(src, Path(args.out), title=args.title)
     except ValueError as exc:
         raise UsageError(f"{src}: {exc}") from None
+    _mark_incomplete(args, src, out)
     _say(args, f"report written to {out}")
     return RET_OK
+
+
+def _mark_incomplete(args: argparse.Namespace, src: Path, out: Path) -> None:
+    """Redraw an incomplete run's banner, as its results.parquet records it."""
+    from dispatchkit.outcome import mark_chart
+    from dispatchkit.store import incomplete_lines
+
+    lines = incomplete_lines(src)
+    if lines:
+        mark_chart(out, lines)
+        _say(args, lines[0])
 
 
 def _app_report(args: argparse.Namespace, src: Path) -> int:
@@ -349,6 +361,7 @@ def _app_report(args: argparse.Namespace, src: Path) -> int:
     out = Path(args.out)
     with atomic_path(out) as tmp:
         app.chart_fn(results.to_arrow(), tmp)
+    _mark_incomplete(args, src, out)
     _say(args, f"report written to {out}")
     return RET_OK
 
