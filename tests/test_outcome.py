@@ -151,7 +151,8 @@ def test_an_incomplete_run_names_what_is_missing_in_summary_and_chart(
     assert redrawn.returncode == 0, redrawn.stderr
     assert f"INCOMPLETE: {swedish:,} of {ref.height:,} jobs missing" in redrawn.stdout
     assert banner(tmp_path / "re.png")
-    again = cli("report", str(tmp_path / "ok" / "results.parquet"), "--out", str(tmp_path / "c.png"))
+    ok_results = str(tmp_path / "ok" / "results.parquet")
+    again = cli("report", ok_results, "--out", str(tmp_path / "c.png"))
     assert again.returncode == 0, again.stderr
     assert "INCOMPLETE" not in again.stdout and not banner(tmp_path / "c.png")
 
