@@ -280,8 +280,11 @@ def collect(
     wait_for_dispatch: float | None = WAIT_FOR_DISPATCH,
     identity: Mapping[str, str] | None = None,
     app: App | None = None,
+    on_collected: Callable[[], None] | None = None,
 ) -> RunSummary:
     """Store a run's results from Kafka until its manifest's jobs are all done, export them.
+
+    ``on_collected`` is called once the results are stored, before they are exported.
 
     The collector reads the results topic ``read_committed`` (aborted worker transactions
     are never seen) and keeps its read positions in its store, written with the results
@@ -322,6 +325,8 @@ def collect(
             )
         finally:
             broker.close()
+        if on_collected is not None:
+            on_collected()
         manifest = collected.manifest
         summary.rows_read = manifest.rows_read
         summary.rows_valid = manifest.rows_dispatched
@@ -468,6 +473,13 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Progress | None = No
             if dispatching.done() and dispatching.exception() is not None:
                 _dispatched(dispatching)
 
+        def stop_workers() -> None:
+            # Nothing is left for them: they leave the group while the results are
+            # exported (the finally below waits for them).
+            for p in children:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+
         # No bound on the wait for the manifest: the dispatcher child is validating the
         # input meanwhile, and its failure ends the wait through tick().
         summary = collect(
@@ -480,6 +492,7 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Progress | None = No
             wait_for_dispatch=None,
             identity=identity,
             app=app,
+            on_collected=stop_workers,
         )
         sent = _dispatched(dispatching)
         summary.worker_restarts = restarts[0]

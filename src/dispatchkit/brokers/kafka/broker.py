@@ -37,6 +37,8 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from dispatchkit.brokers.base import Broker
+from dispatchkit.brokers.kafka.consume import ready, watermarks
+from dispatchkit.brokers.kafka.manifests import ManifestLog
 from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.claim import holder_of
 from dispatchkit.errors import BrokerError, DecodeError, DeliveryError, FatalBrokerError
@@ -188,6 +190,10 @@ def ensure_topics(settings: KafkaSettings, timeout: float = 30.0) -> None:
 class KafkaBroker(Broker):
     """The dispatcher's and the collector's side of Kafka."""
 
+    #: A read of the manifests topic costs a round trip (:class:`ManifestLog`): cheap
+    #: enough that a collector notices a run's dispatch, and its end, at once.
+    manifest_interval = 0.25
+
     def __init__(
         self,
         settings: KafkaSettings,
@@ -210,7 +216,7 @@ class KafkaBroker(Broker):
         self._failures: list[str] = []
         self.delivered = 0
         self.run_id: str | None = None
-        self._checked = False
+        self._manifests: ManifestLog | None = None
 
     # -- producing ---------------------------------------------------------------------
 
@@ -415,7 +421,7 @@ class KafkaBroker(Broker):
         for p, offset in sorted(start.offsets.items()):
             if p not in partitions:
                 return f"partition {p} is gone"
-            low, high = _watermarks(consumer, TopicPartition(start.topic, p), 10.0)
+            low, high = watermarks(consumer, TopicPartition(start.topic, p), 10.0)
             if offset > high:
                 return f"partition {p}: stored {offset}, end {high}"
             if offset < low:
@@ -447,7 +453,7 @@ class KafkaBroker(Broker):
     def results(self, timeout: float) -> list[ResultMessage]:
         out: list[ResultMessage] = []
         try:
-            msgs = self.consumer.consume(num_messages=1000, timeout=timeout)
+            msgs = ready(self.consumer, 1000, timeout)
         except KafkaException as exc:
             raise consumer_error(exc.args[0], "collector", self.settings.redact) from None
         if self._fatal:
@@ -520,14 +526,20 @@ class KafkaBroker(Broker):
 
     def run_manifests(self, run_id: str, timeout: float = 10.0) -> list[Manifest]:
         """Every manifest of a run in log order (one key, so one partition: one order)."""
+        if self._manifests is None:
+            self._manifests = ManifestLog(self.settings, lambda: connect(self.settings))
+        try:
+            values = self._manifests.values(run_id.encode(), timeout)
+        except KafkaException as exc:
+            raise wrap_kafka_error(
+                exc, f"cannot read {self.settings.manifests_topic}", self.settings.redact
+            ) from None
         out: list[Manifest] = []
-        first, self._checked = not self._checked, True
-        for msg in scan(self.settings, self.settings.manifests_topic, timeout=timeout, check=first):
-            if msg.key() == run_id.encode():
-                try:
-                    out.append(decode(msg.value(), Manifest))
-                except DecodeError:
-                    continue
+        for value in values:
+            try:
+                out.append(decode(value, Manifest))
+            except DecodeError:
+                continue
         return out
 
     def publish_manifest(self, manifest: Manifest, *, wait: bool = True) -> None:
@@ -554,7 +566,9 @@ class KafkaBroker(Broker):
         finally:
             if self._consumer is not None:
                 self._consumer.close()
-            self._producer = self._consumer = None
+            if self._manifests is not None:
+                self._manifests.close()
+            self._producer = self._consumer = self._manifests = None
 
 
 def scan(
@@ -606,7 +620,7 @@ def _scan(
         ends: dict[int, int] = {}
         assignment = []
         for p in md.partitions:
-            low, high = _watermarks(consumer, TopicPartition(topic, p), timeout)
+            low, high = watermarks(consumer, TopicPartition(topic, p), timeout)
             if high > low:
                 ends[p] = high
                 assignment.append(TopicPartition(topic, p, OFFSET_BEGINNING))
@@ -626,7 +640,7 @@ def _scan(
         consumer.assign(assignment)
         deadline = time.monotonic() + timeout
         while ends and time.monotonic() < deadline:
-            for msg in consumer.consume(num_messages=1000, timeout=0.5):
+            for msg in ready(consumer, 1000, 0.5):
                 if msg.error():
                     continue
                 yield msg
@@ -642,28 +656,3 @@ def _scan(
             raise BrokerError(f"could not read {topic} to its end within {timeout:.0f} s")
     finally:
         consumer.close()
-
-
-def _watermarks(consumer: Consumer, tp: TopicPartition, timeout: float) -> tuple[int, int]:
-    """A partition's watermarks, retrying while its leader moves (or is still being elected)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            low, high = consumer.get_watermark_offsets(tp, timeout=timeout, cached=False)
-            return int(low), int(high)
-        except KafkaException as exc:
-            err: KafkaError = exc.args[0]
-            if err.fatal() or (not err.retriable() and err.code() not in _LEADER_ERRORS):
-                raise
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
-_LEADER_ERRORS = {
-    KafkaError.NOT_LEADER_FOR_PARTITION,
-    KafkaError.LEADER_NOT_AVAILABLE,
-    KafkaError.UNKNOWN_TOPIC_OR_PART,
-    KafkaError._TIMED_OUT,
-    KafkaError._TRANSPORT,
-}

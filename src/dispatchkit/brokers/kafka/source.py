@@ -43,6 +43,7 @@ from dispatchkit.brokers.kafka.broker import (
     ensure_topics,
     headers_of,
 )
+from dispatchkit.brokers.kafka.consume import ready
 from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.errors import BrokerError, FatalBrokerError
 
@@ -280,7 +281,7 @@ class KafkaJobSource(JobSource):
         if not self._buffer:
             if self._in_txn and self._txn_due():
                 self._commit()
-            for msg in self.consumer.consume(num_messages=200, timeout=timeout):
+            for msg in ready(self.consumer, 200, timeout):
                 err = msg.error()
                 if err is None:
                     self._buffer.append(msg)
