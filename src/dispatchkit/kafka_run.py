@@ -29,6 +29,7 @@ import msgspec
 from dispatchkit import faults, logs, metrics, outdir, procs
 from dispatchkit.app import App, Task, load_app
 from dispatchkit.brokers.kafka.broker import KafkaBroker
+from dispatchkit.brokers.kafka.protocol import run_protocol
 from dispatchkit.brokers.kafka.settings import KafkaSettings, Secret
 from dispatchkit.brokers.kafka.status import (
     collector_group,
@@ -436,7 +437,15 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Progress | None = No
 
     ensure_topics(settings)
     app = load_app(spec.app)
-    extra = ("--attempts", str(spec.retry.attempts), *(("--app", app.spec) if app.spec else ()))
+    protocol = run_protocol(settings)
+    log.info("run: workers use the %s group protocol", protocol)
+    extra = (
+        "--attempts",
+        str(spec.retry.attempts),
+        "--group-protocol",
+        protocol,
+        *(("--app", app.spec) if app.spec else ()),
+    )
     slots = [f"{os.getpid()}-{i}" for i in range(spec.workers)]
     children = [spawn_worker(settings, slot, *extra) for slot in slots]
     restarts = [0]

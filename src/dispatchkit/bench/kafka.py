@@ -130,15 +130,17 @@ def kafka(spec: dict[str, Any]) -> Outcome:
 
 
 def kafka_staged(spec: dict[str, Any]) -> Outcome:
+    from dispatchkit.brokers.kafka.protocol import run_protocol
     from dispatchkit.kafka_run import collect, dispatch, spawn_worker
 
     settings = settings_of(spec)
     run_spec = run_spec_of(spec)
+    protocol = ("--group-protocol", run_protocol(settings))  # as run's own workers
     t0 = time.perf_counter()
     sent = dispatch(run_spec, settings)
     t_dispatch = time.perf_counter() - t0
     procs = [
-        spawn_worker(settings, f"{os.getpid()}-{i}", "--attempts", "3")
+        spawn_worker(settings, f"{os.getpid()}-{i}", "--attempts", "3", *protocol)
         for i in range(spec["workers"])
     ]
     try:
@@ -163,13 +165,15 @@ def kafka_warm(spec: dict[str, Any]) -> Outcome:
     from concurrent.futures import ProcessPoolExecutor
 
     from dispatchkit.brokers.kafka.broker import ensure_topics
+    from dispatchkit.brokers.kafka.protocol import run_protocol
     from dispatchkit.kafka_run import collect, dispatch, spawn_worker, worker_group
 
     settings = settings_of(spec)
     run_spec = run_spec_of(spec)
     ensure_topics(settings)
+    protocol = ("--group-protocol", run_protocol(settings))  # as run's own workers
     procs = [
-        spawn_worker(settings, f"{os.getpid()}-{i}", "--attempts", "3")
+        spawn_worker(settings, f"{os.getpid()}-{i}", "--attempts", "3", *protocol)
         for i in range(spec["workers"])
     ]
     pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))

@@ -61,6 +61,14 @@ FAST_SECONDS = 0.05
 #: abandoned and replaced (:meth:`KafkaJobSource._replace_producer`).
 TXN_TIMEOUT = 10.0
 TXN_GRACE = 5.0
+#: Seconds an abort waits for the transaction's records in flight to be delivered.
+FLUSH_BEFORE_ABORT = 5.0
+#: While records wait in its buffer, a worker still serves its consumer this often
+#: (rebalance callbacks, group joins), so a worker joining the group gets its share
+#: within a batch or so instead of when this one's buffer of fetched records runs out.
+SERVE_SECONDS = 0.1
+#: Records taken from the consumer at a time.
+FETCH_RECORDS = 200
 
 
 class _Wedged(Exception):
@@ -106,6 +114,7 @@ class KafkaJobSource(JobSource):
         self._assigned: set[tuple[str, int]] = set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dispatchkit-task")
         self._inline = False
+        self._served = 0.0  # when the consumer was last served (monotonic)
         self._abandoned: list[Producer | None] = []
         self.committed_batches = 0
         self.aborts = 0
@@ -133,7 +142,10 @@ class KafkaJobSource(JobSource):
         else:
             conf["partition.assignment.strategy"] = "cooperative-sticky"
             conf["session.timeout.ms"] = self.session_timeout_ms
-            conf["heartbeat.interval.ms"] = max(250, self.session_timeout_ms // 5)
+            # A member learns that the group rebalances from a heartbeat's answer, and a
+            # cooperative rebalance takes two rounds: with librdkafka's default ratio
+            # (a third of the session) a worker joining waited ~2 heartbeats for its share.
+            conf["heartbeat.interval.ms"] = max(250, self.session_timeout_ms // 20)
         self._consumer = Consumer(self.settings.client_config(**conf))
         self._new_producer()
         self._consumer.subscribe(
@@ -209,13 +221,13 @@ class KafkaJobSource(JobSource):
                 raise FatalBrokerError(self.settings.redact(f"producer: {err.str()}")) from None
         raise exc
 
-    def _replace_producer(self) -> None:
+    def _replace_producer(self, why: str | None = None) -> None:
         """Abandon a wedged producer. Its successor (same transactional.id) fences it and
         aborts its open transaction; the consumer rewinds, so those batches are redone."""
         log.warning(
-            "%s: a transactional call hung for %.0f s; replacing the producer",
+            "%s: %s; replacing the producer",
             self.worker_id,
-            TXN_TIMEOUT + TXN_GRACE,
+            why or f"a transactional call hung for {TXN_TIMEOUT + TXN_GRACE:.0f} s",
         )
         # Keep the old client referenced: destroying it while a call is stuck would block.
         self._abandoned.append(self._producer)
@@ -281,14 +293,11 @@ class KafkaJobSource(JobSource):
         if not self._buffer:
             if self._in_txn and self._txn_due():
                 self._commit()
-            for msg in ready(self.consumer, 200, timeout):
-                err = msg.error()
-                if err is None:
-                    self._buffer.append(msg)
-                elif err.fatal():
-                    raise FatalBrokerError(self.settings.redact(f"consumer: {err.str()}"))
-                else:
-                    log.warning("%s consumer: %s", self.worker_id, err.str())
+            self._fetch(FETCH_RECORDS, timeout)
+        elif time.monotonic() - self._served >= SERVE_SECONDS:
+            # Records are at hand: take what else is there without waiting, which serves
+            # the group protocol (a rebalance's revoke may empty or rewind the buffer).
+            self._fetch(max(1, FETCH_RECORDS - len(self._buffer)), 0)
         if not self._buffer:
             return None
         msg = self._buffer.popleft()
@@ -298,6 +307,17 @@ class KafkaJobSource(JobSource):
             token=(msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1]),
             headers=headers_of(msg),
         )
+
+    def _fetch(self, limit: int, timeout: float) -> None:
+        for msg in ready(self.consumer, limit, timeout):
+            err = msg.error()
+            if err is None:
+                self._buffer.append(msg)
+            elif err.fatal():
+                raise FatalBrokerError(self.settings.redact(f"consumer: {err.str()}"))
+            else:
+                log.warning("%s consumer: %s", self.worker_id, err.str())
+        self._served = time.monotonic()
 
     def process(self, fn: Callable[[], T], delivery: Delivery) -> T:
         """Run ``fn()``; a slow task runs off the poll loop, which keeps polling meanwhile.
@@ -357,28 +377,39 @@ class KafkaJobSource(JobSource):
             # Revoked while the task ran: the new owner redoes it from the committed offset.
             self.dropped += 1
             return
-        self._begin()
         run = delivery.headers.get(H_RUN, "").encode()
-        if result is not None:
-            self._produce(
-                self.settings.results_topic,
-                delivery.key,
-                result,
-                [
-                    (H_KIND, b"results"),
-                    (H_VERSION, b"2"),
-                    (H_RUN, run),
-                    (H_BATCH, delivery.headers.get(H_BATCH, "").encode()),
-                ],
-            )
-        if failed is not None:
-            payload, rejection = failed
-            self._produce(
-                self.settings.dlq_topic,
-                delivery.key,
-                payload,
-                self._dlq_headers(delivery, rejection),
-            )
+        try:
+            self._begin()
+            if result is not None:
+                self._produce(
+                    self.settings.results_topic,
+                    delivery.key,
+                    result,
+                    [
+                        (H_KIND, b"results"),
+                        (H_VERSION, b"2"),
+                        (H_RUN, run),
+                        (H_BATCH, delivery.headers.get(H_BATCH, "").encode()),
+                    ],
+                )
+            if failed is not None:
+                payload, rejection = failed
+                self._produce(
+                    self.settings.dlq_topic,
+                    delivery.key,
+                    payload,
+                    self._dlq_headers(delivery, rejection),
+                )
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.fatal() or err.code() != KafkaError._STATE:
+                raise
+            # The producer refuses to produce although this side began a transaction:
+            # librdkafka can leave such a state behind an abort whose in-flight records
+            # it purged. A new producer fences this one; the batches are redone.
+            self.aborts += 1
+            self._replace_producer(f"the producer refused a record ({err.str()})")
+            return
         self._offsets[(topic, partition)] = offset + 1
         self._txn_batches += 1
         faults.crash_point("worker.after_produce")
@@ -527,6 +558,9 @@ class KafkaJobSource(JobSource):
 
     def _abort(self, *, rewind: bool) -> None:
         self.aborts += 1
+        # Let the records in flight land first: an abort purges queued ones, and a purged
+        # in-flight request can leave the next transaction with a sequence gap.
+        self.producer.flush(FLUSH_BEFORE_ABORT)
         deadline = time.monotonic() + 120
         while True:
             try:
