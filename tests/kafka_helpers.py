@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from dispatchkit.brokers.kafka.settings import KafkaSettings
 
@@ -41,6 +41,20 @@ def new_settings(servers: str | None = None, partitions: int = 6, **options: str
     )
 
 
+def _watermarks(c: Consumer, tp: TopicPartition, wait: float = 60.0) -> tuple[int, int]:
+    """A partition's low and high offsets, asked again while the cluster is degraded (a killed
+    broker can still be named leader in metadata a few seconds after the run ends)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            low, high = c.get_watermark_offsets(tp, timeout=10, cached=False)
+            return int(low), int(high)
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def read_all(settings: KafkaSettings, topic: str, *, committed: bool = True) -> Iterator[object]:
     """Every record of a topic with a plain confluent-kafka consumer (no dispatchkit code)."""
     c = Consumer(
@@ -56,7 +70,7 @@ def read_all(settings: KafkaSettings, topic: str, *, committed: bool = True) -> 
         parts = sorted(md.partitions)
         ends = {}
         for p in parts:
-            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            low, high = _watermarks(c, TopicPartition(topic, p))
             if high > low:
                 ends[p] = high
         c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
