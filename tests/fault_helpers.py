@@ -33,7 +33,7 @@ from dispatchkit.brokers.kafka.settings import KafkaSettings
 from dispatchkit.runner import STORE_NAME
 
 from .conftest import assert_exact, reference
-from .kafka_helpers import REPO, committed_result_job_ids, kafka_args, read_all
+from .kafka_helpers import REPO, committed_result_job_ids, index_entries, kafka_args, read_all
 
 KAFKA = str(REPO / "scripts" / "kafka")
 #: Exit code :meth:`Fleet.terminate` reports for a worker that ignored SIGTERM.
@@ -282,7 +282,7 @@ def job_parts_published(settings: KafkaSettings, run_id: str) -> Counter[tuple[s
     for msg in read_all(settings, settings.jobs_topic):
         batch = msgpack.unpackb(msg.value())  # type: ignore[attr-defined]
         if batch["run_id"] == run_id:
-            counts.update((job["job_id"], job["part"]) for job in batch["jobs"])
+            counts.update(index_entries(batch["index"]))
     return counts
 
 

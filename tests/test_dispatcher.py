@@ -1,4 +1,4 @@
-"""The dispatcher: jobs cut by key into wire v2 messages, sized by bytes, split exactly."""
+"""The dispatcher: jobs cut by key into wire v3 messages, sized by bytes, split exactly."""
 
 from __future__ import annotations
 

@@ -347,7 +347,7 @@ def test_dispatcher_crash_mid_publish_and_rerun(wide: Path, tmp_path: Path) -> N
     fleet.start_many(2)
     # Small messages (about 1,000 of them), so the crash comes mid-run.
     args = ["dispatch", str(wide), *kafka_args(settings), "--run-id", "disp"]
-    args += ["--out", str(tmp_path), "--max-message-bytes", "2048"]
+    args += ["--out", str(tmp_path), "--max-message-bytes", "2560"]
     try:
         first = spawn(
             [*args, "-q"],

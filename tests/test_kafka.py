@@ -158,18 +158,22 @@ def test_a_plain_client_decodes_jobs_from_the_documented_format(
     keys = set()
     for msg in read_all(settings, settings.jobs_topic):
         headers = {k: v.decode() for k, v in msg.headers()}  # type: ignore[attr-defined]
-        assert headers["dk-kind"] == "jobs" and headers["dk-v"] == "2"
+        assert headers["dk-kind"] == "jobs" and headers["dk-v"] == "3"
         assert headers["dk-run"] == "wire"
         batch = msgpack.unpackb(msg.value())  # type: ignore[attr-defined]
-        assert batch["kind"] == "jobs" and batch["v"] == 2
+        assert batch["kind"] == "jobs" and batch["v"] == 3
         assert batch["key_names"] == ["country", "date_hour"]
         body = pa.ipc.open_stream(batch["body"]).read_all()
         assert body.column_names == ["result"]
-        for job in batch["jobs"]:
-            rows = body.slice(job["start"], job["end"] - job["start"])
-            assert rows.num_rows == job["end"] - job["start"] > 0
+        index = pa.ipc.open_stream(batch["index"]).read_all()
+        start = 0
+        for job in index.to_pylist():
+            rows = body.slice(start, job["rows"])
+            assert rows.num_rows == job["rows"] > 0
+            start += job["rows"]
             total_tests += rows.num_rows
-            keys.add(tuple(job["key"]))
+            keys.add((job["key:country"], job["key:date_hour"]))
+        assert start == body.num_rows
         assert msg.key().decode().startswith("b")  # type: ignore[attr-defined]
     ref = reference(small_parquet)
     assert total_tests == 30_000

@@ -78,13 +78,13 @@ def cases(draw: st.DrawFn, crashes: tuple[str | None, ...]) -> Case:
     fmt = draw(st.sampled_from(["parquet-us", "parquet-ns", "csv"]))
     if fmt != "parquet-ns":  # microseconds in the file: the reference sees what is written
         rows = [(c, t // 1000 * 1000, r) for c, t, r in rows]
-    budget = draw(st.sampled_from([None, 1200]))
+    budget = draw(st.sampled_from([None, 2400]))
     changes: list[tuple[str, str] | None] = [
         None,
         ("--start", _iso(start_ns - NS_PER_HOUR)),
         ("--end", _iso(end_ns + NS_PER_HOUR)),
         ("--task", "beta-posterior"),
-        ("--max-message-bytes", "1300" if budget else "1200"),
+        ("--max-message-bytes", "2600" if budget else "2400"),
     ]
     return Case(
         rows=rows,

@@ -1,4 +1,4 @@
-"""Wire format v2 (dispatchkit.wire): round trips, the byte budget, plain decoders, refusals."""
+"""Wire format v3 (dispatchkit.wire): round trips, the byte budget, plain decoders, refusals."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def tables_and_jobs(draw: st.DrawFn) -> tuple[pa.Table, np.ndarray, np.ndarray, 
     )
     offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
     groups = np.sort(rng.integers(0, 4, len(sizes)))
-    budget = draw(st.integers(3_000, 40_000))
+    budget = draw(st.integers(5_000, 40_000))
     return table, offsets, groups, budget
 
 
@@ -194,17 +194,17 @@ def test_every_row_lands_in_exactly_one_part_and_messages_keep_the_budget(
 def test_whole_jobs_stay_whole_and_only_hot_keys_split() -> None:
     data = covid_batch(jobs=200, rows=15)
     sizes = np.diff(data["offsets"])
-    messages = cut(data, max_message_bytes=2_000, compression="none")
+    messages = cut(data, max_message_bytes=4_000, compression="none")
     entries = [job for m in messages for job in wire.decode_jobs(m).jobs]
     assert all(job.parts == 1 for job in entries)
     assert [job.end - job.start for job in entries] == sizes.tolist()
-    assert len(messages) > 1 and all(len(m) <= 2_000 for m in messages)
+    assert len(messages) > 1 and all(len(m) <= 4_000 for m in messages)
 
     hot = covid_batch(jobs=3, rows=15)
     big = np.random.default_rng(1).random(100_000) < 0.5
     hot["table"] = pa.table({"positive": pa.array(np.concatenate(([True] * 15, big)))})
     hot["offsets"] = np.array([0, 15, 15 + 50_000, 15 + 100_000])
-    parts = [j for m in cut(hot, max_message_bytes=2_000) for j in wire.decode_jobs(m).jobs]
+    parts = [j for m in cut(hot, max_message_bytes=4_000) for j in wire.decode_jobs(m).jobs]
     assert [(j.job_id[-1], j.parts) for j in parts][:2] == [("0", 1), ("1", parts[1].parts)]
     assert parts[1].parts > 1 and sum(j.end - j.start for j in parts) == 100_015
 
@@ -312,24 +312,31 @@ def test_plain_msgpack_and_pyarrow_read_a_job_message() -> None:
     """Another client needs only msgpack, pyarrow and docs/wire-format.md."""
     data = covid_batch()
     raw = msgpack.unpackb(one_job_message())
-    assert (raw["v"], raw["kind"], raw["app"], raw["task"]) == (2, "jobs", "covid", "positive-rate")
+    assert (raw["v"], raw["kind"], raw["app"], raw["task"]) == (3, "jobs", "covid", "positive-rate")
     assert raw["key_names"] == ["country", "hour"]
     assert raw["key_types"] == ["string", "timestamp[us, tz=UTC]"]
     table = pa.ipc.open_stream(raw["body"]).read_all()
     assert table.column_names == ["positive"]
-    for i, job in enumerate(raw["jobs"]):
-        country, hour_us = job["key"]
-        assert country == "Italy" and hour_us == int(data["hours"][i]) * HOUR_US
-        assert (job["part"], job["parts"]) == (0, 1)
-        rows = table.slice(job["start"], job["end"] - job["start"])
-        start, stop = data["offsets"][i], data["offsets"][i + 1]
-        assert rows.column("positive").to_pylist() == data["outcomes"][start:stop].tolist()
+    index = pa.ipc.open_stream(raw["index"]).read_all()
+    assert index.column_names == ["job_id", "part", "parts", "rows", "key:country", "key:hour"]
+    start = 0
+    for i, job in enumerate(index.to_pylist()):
+        assert job["key:country"] == "Italy"
+        assert job["key:hour"].timestamp() == int(data["hours"][i]) * 3600
+        assert (job["job_id"], job["part"], job["parts"]) == (data["job_ids"][i], 0, 1)
+        rows = table.slice(start, job["rows"])
+        lo, hi = data["offsets"][i], data["offsets"][i + 1]
+        assert rows.column("positive").to_pylist() == data["outcomes"][lo:hi].tolist()
+        start += job["rows"]
+    assert start == table.num_rows
 
 
 def test_plain_msgpack_and_pyarrow_read_a_result_message() -> None:
     raw = msgpack.unpackb(result_message())
-    assert (raw["v"], raw["kind"], raw["worker"]) == (2, "results", "w1")
-    assert [r["state"] for r in raw["results"]] == [False, True, False]
+    assert (raw["v"], raw["kind"], raw["worker"]) == (3, "results", "w1")
+    index = pa.ipc.open_stream(raw["index"]).read_all()
+    assert index.column("state").to_pylist() == [False, True, False]
+    assert index.column("job_id").to_pylist() == ["a" * 20, "b" * 20, "c" * 20]
     assert raw["failed"][0]["error_class"] == "RuntimeError"
     body = pa.ipc.open_stream(raw["body"]).read_all().to_pylist()
     assert body[0] == {
@@ -341,6 +348,32 @@ def test_plain_msgpack_and_pyarrow_read_a_result_message() -> None:
         "state:total": None,
     }
     assert body[1]["state:n"] == 11 and body[1]["n"] is None
+
+
+def test_a_message_of_python_entries_equals_one_of_an_index() -> None:
+    """Both ways of writing the entries (cold paths, the dispatcher) give the same bytes."""
+    message = wire.decode_jobs(one_job_message())
+    common: dict[str, Any] = {
+        "run_id": message.run_id,
+        "batch_id": message.batch_id,
+        "app": message.app,
+        "task": message.task,
+        "fingerprint": message.fingerprint,
+        "key_names": message.key_names,
+        "key_types": message.key_types,
+        "table": message.table,
+    }
+    from_entries = wire.encode_jobs(jobs=message.jobs, **common)
+    from_index = wire.encode_jobs(jobs=message.index, **common)
+    assert from_entries == from_index
+    again = wire.decode_jobs(from_entries)
+    assert again.jobs == message.jobs and again.keys().equals(message.keys())
+    assert message.entries().to_pylist()[0] == {
+        "job_id": message.jobs[0].job_id,
+        "part": 0,
+        "parts": 1,
+        "state": False,
+    }
 
 
 # --------------------------------------------------------------------------- compression
@@ -386,20 +419,21 @@ def test_v1_messages_are_refused_in_one_line() -> None:
         (v1_job_batch(), wire.decode_jobs),
         (v1_result_batch(), wire.decode_results),
     ):
-        with pytest.raises(DecodeError, match=r"^wire format v1 message; this worker reads v2$"):
+        with pytest.raises(DecodeError, match=r"^wire format v1 message; this worker reads v3$"):
             decode(payload)
 
 
 @pytest.mark.parametrize(
     ("payload", "needle"),
     [
-        (msgpack.packb({"v": 3, "kind": "jobs"}), "wire format v3 message; this worker reads v2"),
+        (msgpack.packb({"v": 2, "kind": "jobs"}), "wire format v2 message; this worker reads v3"),
+        (msgpack.packb({"v": 4, "kind": "jobs"}), "wire format v4 message; this worker reads v3"),
         (msgpack.packb({"kind": "jobs"}), "no schema version"),
         (msgpack.packb([2, "jobs"]), "not a dispatchkit message"),
         (b"\xc1garbage", "not a dispatchkit message"),
         (b"", "not a dispatchkit message"),
-        (msgpack.packb({"v": 2, "kind": "manifest"}), "'manifest' message where 'jobs'"),
-        (msgpack.packb({"v": 2, "kind": "jobs", "run_id": "r"}), "not a valid v2 job message"),
+        (msgpack.packb({"v": 3, "kind": "manifest"}), "'manifest' message where 'jobs'"),
+        (msgpack.packb({"v": 3, "kind": "jobs", "run_id": "r"}), "not a valid v3 job message"),
     ],
 )
 def test_other_messages_are_refused(payload: bytes, needle: str) -> None:
@@ -468,13 +502,45 @@ def test_bodies_that_disagree_with_the_envelope_are_refused() -> None:
         (with_body(payload, two.getvalue().to_pybytes()), "more than one record batch"),
         (with_body(payload, none.getvalue().to_pybytes()), "no record batch"),
         (with_body(payload, b""), "corrupt Arrow body"),
-        (with_body(payload, raw["body"], jobs=raw["jobs"][:-1]), "cover"),
-        (with_body(payload, raw["body"], jobs=raw["jobs"][::-1]), "do not follow"),
+        (with_body(payload, raw["body"], index=index_of(raw, lambda t: t.slice(1))), "cover"),
+        (with_body(payload, raw["body"], index=index_of(raw, with_rows(0))), "0 rows"),
+        (with_body(payload, raw["body"], index=index_of(raw, with_part(2, 2))), "invalid part 2"),
+        (with_body(payload, raw["body"], index=index_of(raw, drop_rows)), "are not"),
+        (with_body(payload, raw["body"], index=b""), "corrupt Arrow index"),
         (with_body(payload, raw["body"], key_types=["string", "float"]), "unknown key type"),
+        (with_body(payload, raw["body"], key_types=["string", "int64"]), "are not"),
     ]
     for bad, needle in cases:
         with pytest.raises(DecodeError, match=needle):
             wire.decode_jobs(bad)
+
+
+def index_of(raw: dict[str, Any], change: Any) -> bytes:
+    """A job message's index, changed by ``change`` (a table → table function)."""
+    table = change(pa.ipc.open_stream(raw["index"]).read_all())
+    return wire.encode_body(table, "none")
+
+
+def drop_rows(t: pa.Table) -> pa.Table:
+    return t.drop(["rows"])
+
+
+def with_rows(n: int) -> Any:
+    def change(t: pa.Table) -> pa.Table:
+        rows = t.column("rows").to_pylist()
+        rows[0], rows[1] = n, rows[0] + rows[1] - n
+        return t.set_column(3, "rows", pa.array(rows, pa.int32()))
+
+    return change
+
+
+def with_part(part: int, parts: int) -> Any:
+    def change(t: pa.Table) -> pa.Table:
+        n = t.num_rows
+        t = t.set_column(1, "part", pa.array([part] * n, pa.int32()))
+        return t.set_column(2, "parts", pa.array([parts] * n, pa.int32()))
+
+    return change
 
 
 def test_invalid_utf8_in_a_body_is_caught_by_full_validation() -> None:
@@ -490,14 +556,14 @@ def test_invalid_utf8_in_a_body_is_caught_by_full_validation() -> None:
 def test_covid_sizes_against_v1() -> None:
     sizes = covid_sizes()
     # Arrow's booleans are bit-packed like v1's outcomes; the schema costs a few hundred bytes.
-    assert sizes["v2 jobs"] < 1.5 * sizes["v1 jobs"]
+    assert sizes["v3 jobs"] < 1.5 * sizes["v1 jobs"]
 
 
 # --------------------------------------------------------------------------- measurements
 
 
 def covid_sizes(jobs: int = 48, rows: int = 15) -> dict[str, int]:
-    """Encoded bytes of a typical COVID job batch and its results, v1 and v2."""
+    """Encoded bytes of a typical COVID job batch and its results, v1 and v3."""
     data = covid_batch(jobs, rows)
     offsets, outcomes = data["offsets"], data["outcomes"]
     v1_jobs, v1_results = [], []
@@ -538,9 +604,9 @@ def covid_sizes(jobs: int = 48, rows: int = 15) -> dict[str, int]:
             values=values,
             compression=compression,  # type: ignore[arg-type]
         )
-        out[f"v2 jobs ({compression})"] = len(v2j)
-        out[f"v2 results ({compression})"] = len(v2r)
-    out["v2 jobs"] = out["v2 jobs (lz4)"]
+        out[f"v3 jobs ({compression})"] = len(v2j)
+        out[f"v3 results ({compression})"] = len(v2r)
+    out["v3 jobs"] = out["v3 jobs (lz4)"]
     return out
 
 

@@ -5,7 +5,7 @@ Data flow::
     input files ──reader──▶ valid rows sorted by (bucket, key)  ──cut──▶ one job per key
                    └──────▶ quarantine.parquet/.csv (bad rows)                 │
                                                                               ▼
-                              job messages (wire v2), one transport key per bucket ──▶ broker
+                              job messages (wire v3), one transport key per bucket ──▶ broker
 
 A job is every row of one key of the app (e.g. one country in one UTC hour). Its id is a
 hash of the run id, the app, the task and the key, so the same run always gives the same
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+import duckdb
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
@@ -39,7 +40,7 @@ import pyarrow.compute as pc
 from dispatchkit import arrays, metrics, wire
 from dispatchkit.app import App, Task
 from dispatchkit.errors import RunError, UsageError
-from dispatchkit.keys import job_ids, key_text
+from dispatchkit.keys import job_ids_sql, key_text
 from dispatchkit.prefetch import prefetched
 
 #: Kafka's default message limit is 1 MB; leave room for the headers.
@@ -114,23 +115,21 @@ class Dispatcher:
         self._meter = metrics.DispatchMeter(app.name, self.task.name)
         self._bucket = -1  # the bucket cut last, and the ids of its jobs cut so far
         self._bucket_ids: set[str] = set()
+        self._ids = _JobIds(run_id, app.name, self.task.name)
 
     def capacity(self, schema: pa.Schema) -> float:
         """Bytes of rows and entries one message may carry under the budget."""
         if self._capacity is None:
-            head = wire.encode_jobs(
+            fixed = wire.job_envelope_overhead(
                 run_id=self.run_id,
-                batch_id="x" * 64,
                 app=self.app.name,
                 task=self.task.name,
                 fingerprint=self.app.fingerprint,
-                key_names=self.key_names,
-                key_types=self.key_types,
-                jobs=[],
-                table=arrays.empty_batch(schema),
+                keys=self.app.keyspec.schema,
+                body=schema,
                 compression=self.compression,
+                budget=self.max_message_bytes,
             )
-            fixed = len(head) + 16 + wire.body_overhead(schema, self.compression)
             self._capacity = float(self.max_message_bytes - fixed)
             if self._capacity < 64:
                 raise UsageError(
@@ -176,7 +175,7 @@ class Dispatcher:
         self,
         buckets: npt.NDArray[np.int64],
         ids: list[str],
-        keys: list[tuple[wire.KeyValue, ...]],
+        key_rows: pa.Table,
     ) -> None:
         """Internal check: buckets never go back, and no job is cut twice in its bucket.
 
@@ -197,7 +196,7 @@ class Dispatcher:
                 for i in range(a, b):
                     if ids[i] in seen:
                         raise RunError(
-                            f"internal check failed: the rows of job {self._text(keys[i])} "
+                            f"internal check failed: the rows of job {self._key(key_rows, i)} "
                             "are not together in the reader's order"
                         )
                     seen.add(ids[i])
@@ -216,14 +215,17 @@ class Dispatcher:
         offsets = np.append(starts, n).astype(np.int64)
         lengths = np.diff(offsets)
         first_rows = arrays.from_numpy(starts, pa.int64())
-        key_rows = table.select(self.key_names).take(first_rows)
-        _, _, keys = wire.key_lists(key_rows)
+        key_rows = table.select(self.key_names).take(first_rows).combine_chunks()
         buckets = arrays.to_numpy(table.column(BUCKET).take(first_rows))
-        ids = job_ids(self.run_id, self.app.name, self.task.name, keys)
-        self._check_contiguous(buckets, ids, keys)
+        id_array = self._ids.of(key_rows)
+        ids: list[str] = id_array.to_pylist()
+        self._check_contiguous(buckets, ids, key_rows)
         stats.jobs += len(ids)
         stats.rows_cut += n
-        keep = np.fromiter((i not in skip for i in ids), dtype=np.bool_, count=len(ids))
+        if skip:
+            keep = np.fromiter((i not in skip for i in ids), dtype=np.bool_, count=len(ids))
+        else:
+            keep = np.ones(len(ids), dtype=np.bool_)
         stats.jobs_skipped += int((~keep).sum())
         if not keep.any():
             return
@@ -231,14 +233,16 @@ class Dispatcher:
             rows = np.repeat(keep, lengths)
             table = table.filter(arrays.from_numpy(rows, pa.bool_()))
             ids = [i for i, k in zip(ids, keep.tolist(), strict=True) if k]
-            keys = [k for k, kk in zip(keys, keep.tolist(), strict=True) if kk]
+            key_rows = key_rows.filter(arrays.from_numpy(keep, pa.bool_()))
+            id_array = id_array.filter(arrays.from_numpy(keep, pa.bool_()))
             buckets = buckets[keep]
             lengths = lengths[keep]
             offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
         body = table.select(list(self.task.reads))
         capacity = self.capacity(body.schema)
         row_cost = wire.row_bytes(body) * 1.01  # lz4 may add a little to random data
-        entry_cost = self._entry_costs(key_rows if keep.all() else None, ids, keys)
+        jobs = _Jobs(ids, id_array, key_rows.combine_chunks())
+        entry_cost = wire.entry_costs(jobs.id_array, jobs.key_rows) * 1.01
         cuts = wire.plan_cuts(offsets, row_cost, entry_cost, capacity=capacity, groups=buckets)
         for cut in cuts:
             first = int(cut.job[0])
@@ -248,125 +252,116 @@ class Dispatcher:
                     stats.split_jobs += 1
                     stats.parts += parts
                     if len(stats.split) < 20:
-                        stats.split.append(self._text(keys[first]))
+                        stats.split.append(self._key(jobs.key_rows, first))
                 if self.task.combine is None:
-                    raise RunError(self._too_big(keys[first], int(lengths[first])))
+                    raise RunError(self._too_big(jobs.key_rows, first, int(lengths[first])))
             else:
                 stats.parts += len(cut.job)
-            yield from self._encode(body, cut, ids, keys, buckets, skip_parts)
+            yield from self._encode(body, cut, jobs, buckets, skip_parts)
 
     def _encode(
         self,
         body: pa.Table,
         cut: wire.Cut,
-        ids: list[str],
-        keys: list[tuple[wire.KeyValue, ...]],
+        jobs: _Jobs,
         buckets: npt.NDArray[np.int64],
         skip_parts: Container[tuple[str, int]],
     ) -> Iterator[Outgoing]:
-        entries = [
-            wire.JobEntry(ids[j], part, parts, start, end, keys[j])
-            for j, part, parts, start, end in zip(
-                cut.job.tolist(),
-                cut.part.tolist(),
-                cut.parts.tolist(),
-                cut.start.tolist(),
-                cut.end.tolist(),
-                strict=True,
-            )
-            if not skip_parts or (ids[j], part) not in skip_parts
-        ]
-        if not entries:
-            return
-        if len(entries) == len(cut.job) and int(cut.parts.max()) == 1:  # whole jobs only
-            self.stats.jobs_sent += len(entries)
-            self.stats.rows_sent += cut.row_end - cut.row_start
-        else:
-            for e in entries:  # a job counts as sent with its first part published now
-                if e.parts == 1 or e.job_id not in self._split_sent:
-                    self.stats.jobs_sent += 1
-                    if e.parts > 1:
-                        self._split_sent.add(e.job_id)
-                self.stats.rows_sent += e.end - e.start
+        sel, part, parts = cut.job, cut.part, cut.parts
+        sizes = cut.end - cut.start
         rows = body.slice(cut.row_start, cut.row_end - cut.row_start)
-        if len(entries) < len(cut.job):  # some parts were published before: keep the rest
-            picked = [(e.start, e.end) for e in entries]
-            rows = pa.concat_tables([rows.slice(a, b - a) for a, b in picked])
-            at, moved = 0, []
-            for e in entries:
-                size = e.end - e.start
-                moved.append(wire.JobEntry(e.job_id, e.part, e.parts, at, at + size, e.key))
-                at += size
-            entries = moved
-        yield from self._fit(rows, entries, int(buckets[int(cut.job[0])]))
+        if skip_parts:  # a resume: parts published before are left out
+            ids = jobs.ids
+            kept = np.fromiter(
+                (
+                    (ids[j], p) not in skip_parts
+                    for j, p in zip(sel.tolist(), part.tolist(), strict=True)
+                ),
+                dtype=np.bool_,
+                count=sel.size,
+            )
+            if not kept.any():
+                return
+            if not kept.all():
+                starts = cut.start[kept].tolist()
+                rows = pa.concat_tables(
+                    [rows.slice(a, n) for a, n in zip(starts, sizes[kept].tolist(), strict=True)]
+                )
+                sel, part, parts, sizes = sel[kept], part[kept], parts[kept], sizes[kept]
+        stats = self.stats
+        if int(parts.max()) == 1:  # whole jobs only
+            stats.jobs_sent += int(sel.size)
+        else:  # a job counts as sent with its first part published now
+            for j, p in zip(sel.tolist(), parts.tolist(), strict=True):
+                job_id = jobs.ids[j]
+                if p == 1 or job_id not in self._split_sent:
+                    stats.jobs_sent += 1
+                    if p > 1:
+                        self._split_sent.add(job_id)
+        stats.rows_sent += rows.num_rows
+        first = int(sel[0])
+        if int(sel[-1]) - first + 1 == sel.size:  # contiguous jobs: slices, no copies
+            ids_col = jobs.id_array.slice(first, sel.size)
+            key_col = jobs.key_rows.slice(first, sel.size)
+        else:
+            picked = arrays.from_numpy(sel)
+            ids_col, key_col = jobs.id_array.take(picked), jobs.key_rows.take(picked)
+        index = wire.job_index(ids_col, part, parts, sizes, key_col)
+        yield from self._fit(rows, index, int(buckets[first]))
 
-    def _fit(self, rows: pa.Table, entries: list[wire.JobEntry], bucket: int) -> Iterator[Outgoing]:
+    def _fit(self, rows: pa.Table, index: pa.RecordBatch, bucket: int) -> Iterator[Outgoing]:
         """Encode one message; one over the budget is halved (jobs stay whole)."""
-        first = entries[0]
+        part = arrays.to_numpy(index.column(1))
+        batch_id = f"{index.column(0)[0].as_py()}.{int(part[0])}"
         payload = wire.encode_jobs(
             run_id=self.run_id,
-            batch_id=f"{first.job_id}.{first.part}",
+            batch_id=batch_id,
             app=self.app.name,
             task=self.task.name,
             fingerprint=self.app.fingerprint,
             key_names=self.key_names,
             key_types=self.key_types,
-            jobs=entries,
+            jobs=index,
             table=rows,
             compression=self.compression,
             check=False,
         )
         if len(payload) > self.max_message_bytes:
-            if len(entries) == 1:
+            if index.num_rows == 1:
+                keys = index.select(range(len(wire.JOB_INDEX), index.num_columns))
+                key_rows = pa.Table.from_batches([keys]).rename_columns(self.key_names)
                 raise RunError(
-                    f"job {self._text(first.key)} encodes to "
+                    f"job {self._key(key_rows, 0)} encodes to "
                     f"{len(payload)} bytes, over --max-message-bytes {self.max_message_bytes}"
                 )
-            half = len(entries) // 2
-            cut_at = entries[half].start
-            yield from self._fit(rows.slice(0, cut_at), entries[:half], bucket)
-            rest = [
-                wire.JobEntry(e.job_id, e.part, e.parts, e.start - cut_at, e.end - cut_at, e.key)
-                for e in entries[half:]
-            ]
-            yield from self._fit(rows.slice(cut_at), rest, bucket)
+            half = index.num_rows // 2
+            cut_at = int(arrays.to_numpy(index.column(3))[:half].sum())
+            yield from self._fit(rows.slice(0, cut_at), index.slice(0, half), bucket)
+            yield from self._fit(rows.slice(cut_at), index.slice(half), bucket)
             return
         stats = self.stats
         stats.messages += 1
-        stats.parts_sent += len(entries)
+        stats.parts_sent += index.num_rows
         stats.bytes_sent += len(payload)
         stats.largest_message = max(stats.largest_message, len(payload))
         self._meter.sent(len(payload), stats.jobs_sent)
+        parts = arrays.to_numpy(index.column(2))
         yield Outgoing(
             payload=payload,
             key=f"b{bucket}".encode(),
-            batch_id=f"{first.job_id}.{first.part}",
-            job_ids=tuple([e.job_id for e in entries]),
-            parts=tuple([(e.part, e.parts) for e in entries]),
+            batch_id=batch_id,
+            job_ids=tuple(index.column(0).to_pylist()),
+            parts=tuple(zip(part.tolist(), parts.tolist(), strict=True)),
             rows=rows.num_rows,
         )
 
-    def _entry_costs(
-        self,
-        key_rows: pa.Table | None,
-        ids: list[str],
-        keys: list[tuple[wire.KeyValue, ...]],
-    ) -> npt.NDArray[np.float64]:
-        """An upper bound of each job entry's envelope bytes, vectorized over the jobs."""
-        template = tuple("" if isinstance(v, str) else v for v in keys[0])
-        base = float(wire.entry_bytes(max(len(i) for i in ids), template)) + 9 * len(template)
-        cost = np.full(len(ids), base)
-        for i, v in enumerate(keys[0]):
-            if isinstance(v, str):
-                if key_rows is not None:
-                    lengths = arrays.to_numpy(pc.binary_length(key_rows.column(i)))
-                else:
-                    lengths = np.array([len(str(k[i]).encode()) for k in keys])
-                cost += np.asarray(lengths, dtype=np.float64) + 4
-        return cost
+    def _too_big(self, key_rows: pa.Table, i: int, rows: int) -> str:
+        return too_big_message(self.task, self._key(key_rows, i), rows, self.max_message_bytes)
 
-    def _too_big(self, key: tuple[wire.KeyValue, ...], rows: int) -> str:
-        return too_big_message(self.task, self._text(key), rows, self.max_message_bytes)
+    def _key(self, key_rows: pa.Table, i: int) -> str:
+        """Row ``i`` of a key table as text for messages."""
+        _, _, key = wire.key_lists(key_rows.slice(i, 1))
+        return self._text(key[0])
 
     def _text(self, key: tuple[wire.KeyValue, ...]) -> str:
         """A key of the envelope (times as epoch µs) as text for messages."""
@@ -377,6 +372,42 @@ class Dispatcher:
             else:
                 values.append(v)
         return key_text(dict(zip(self.key_names, values, strict=True)))
+
+
+@dataclass(frozen=True)
+class _Jobs:
+    """The jobs of one cut: ids (Python and Arrow), key rows (Arrow) and key tuples."""
+
+    ids: list[str]
+    id_array: pa.Array
+    key_rows: pa.Table
+
+
+class _JobIds:
+    """Job ids of key tables, computed by DuckDB (:func:`dispatchkit.keys.job_ids_sql`)."""
+
+    def __init__(self, run_id: str, app: str, task: str) -> None:
+        self._names = (run_id, app, task)
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._sql: tuple[str, str] | None = None
+
+    def of(self, key_rows: pa.Table) -> pa.Array:
+        if self._con is None or self._sql is None:
+            self._con = duckdb.connect()
+            expr, prefix = job_ids_sql(*self._names, key_rows.schema)
+            self._sql = (f"SELECT {expr} AS id FROM key_rows", prefix)
+        query, prefix = self._sql
+        self._con.register("key_rows", key_rows)
+        try:
+            out = self._con.sql(query, params={"prefix": prefix}).to_arrow_table()
+        finally:
+            self._con.unregister("key_rows")
+        column = out.column(0).combine_chunks()
+        if column.type != pa.string():
+            column = column.cast(pa.string())
+        if len(column) != key_rows.num_rows or column.null_count:
+            raise RunError("internal check failed: job ids do not match the keys")
+        return column
 
 
 def too_big_message(task: Task, key: str, rows: int, budget: int, size: int | None = None) -> str:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import pyarrow as pa
 
-from dispatchkit import metrics
+from dispatchkit import metrics, wire
 from dispatchkit.app import App, Task, Timestamp, load_app
 from dispatchkit.charting import ChartProcess
 from dispatchkit.collector import Collected, collect_run, conclude
@@ -205,10 +205,22 @@ def _refuse_too_big(spec: RunSpec, app: App, task: Task, run_id: str, counts: Ro
     probe = Dispatcher(
         _NoRows(), app=app, task=task.name, run_id=run_id, max_message_bytes=spec.max_message_bytes
     )
-    schema = pa.schema([pa.field(c, _ARROW[app.input_columns[c].kind]) for c in task.reads])
-    capacity = probe.capacity(schema)
+    capacity = probe.capacity(_body_schema(app, task))
     if size * 1.02 + 64 > capacity:
         raise RunError(too_big_message(task, key_text(key), rows, spec.max_message_bytes, size))
+
+
+def _body_schema(app: App, task: Task) -> pa.Schema:
+    return pa.schema([pa.field(c, _ARROW[app.input_columns[c].kind]) for c in task.reads])
+
+
+def minimum_message_bytes(app: App, task_name: str, run_id: str) -> int:
+    """The smallest ``--max-message-bytes`` that carries one small job of the run."""
+    task = app.get_task(task_name)
+    budget = wire.COMPRESS_MIN_BYTES  # the allowance of a message too small to compress
+    probe = Dispatcher(_NoRows(), app=app, task=task.name, run_id=run_id, max_message_bytes=budget)
+    capacity = probe.capacity(_body_schema(app, task))
+    return int(probe.max_message_bytes - capacity) + 64
 
 
 class _NoRows:

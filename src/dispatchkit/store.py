@@ -288,17 +288,17 @@ class ResultStore:
 
         Returns the number of parts it held.
         """
-        n = len(msg.results)
+        n = len(msg)
         if not n:
             return 0
         layout = self.layout(msg.run_id)
         body = msg.table
         columns: dict[str, pa.Array] = {
             "run_id": arrays.repeat(msg.run_id, n, pa.string()),
-            "job_id": arrays.strings([e.job_id for e in msg.results]),
-            "part": arrays.array([e.part for e in msg.results], pa.int32()),
-            "parts": arrays.array([e.parts for e in msg.results], pa.int32()),
-            "state": arrays.array([e.state for e in msg.results], pa.bool_()),
+            "job_id": msg.index.column(0),
+            "part": msg.index.column(1),
+            "parts": msg.index.column(2),
+            "state": msg.index.column(3),
             "worker": arrays.repeat(msg.worker, n, pa.string()),
             "stored_at": arrays.repeat(time.time(), n, pa.float64()),
         }

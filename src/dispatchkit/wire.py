@@ -1,26 +1,28 @@
-"""Wire format v2: a MessagePack envelope around one Arrow IPC record batch.
+"""Wire format v3: a MessagePack envelope around Arrow IPC record batches.
 
-A **job message** is a msgspec MessagePack map (``v = 2``, ``kind = "jobs"``) whose
-``body`` is the bytes of one Arrow IPC *stream*: the schema and exactly one record
-batch holding only the columns the task reads, sorted by key. Each job (or job part) is
-a row range ``body[start:end]``; the ranges are contiguous and in order. The key values
-of each job travel in the envelope, one list per job (see :class:`JobEntry`), not as key
-columns in the body: a key is constant over its rows, so a key column would repeat it on
-every row (before compression), widen the rows the task is handed, and hide the key from
-a reader that only parses the envelope (the dispatcher's job ids and message keys, the
-DLQ tooling). A job's entry costs a few dozen bytes, whatever its size.
+A **job message** is a msgspec MessagePack map (``v = 3``, ``kind = "jobs"``) with two
+Arrow IPC *streams* (the schema and exactly one record batch each): ``index``, one row
+per job (or job part) — its id, part, parts, row count and key values — and ``body``,
+the rows of every job in order, holding only the columns the task reads, sorted by key.
+Job ``i`` is ``body[offsets[i]:offsets[i + 1]]`` with the offsets the running sum of the
+index's ``rows``. The index is columnar so that no reader or writer touches a job in
+Python: the dispatcher builds it from the key columns it cut, a worker hands its key
+columns to the task as they are and takes the result index from it, the store takes
+its job ids as one column. Key values are typed Arrow columns (``key:<name>``), not key
+columns of the body: a key is constant over its rows.
 
-A **result message** (``kind = "results"``) has one entry per job part that succeeded
-and a body with one row per entry: the key columns, then the task's result columns, or,
-for a part of a split job (``state = true``), the combine state columns, named
-``state:<name>``. The other group's columns are null on that row. Failed parts are listed
-in ``failed`` (the failed job rows themselves go to the dead-letter topic as a job
-message, as in v1).
+A **result message** (``kind = "results"``) has an ``index`` with one row per job part
+that succeeded (its id, part, parts, and ``state``) and a body with one row per index
+row: the key columns, then the task's result columns, or, for a part of a split job
+(``state = true``), the combine state columns, named ``state:<name>``. The other
+group's columns are null on that row. Failed parts are listed in ``failed`` (the failed
+job rows themselves go to the dead-letter topic as a job message).
 
-Bodies are compressed by Arrow IPC buffer compression (lz4 frame by default, zstd or
-none as options); readers need no option, the compression is recorded in the batch.
-Everything a decoder refuses (another version, a corrupt envelope, a corrupt body,
-ranges that disagree with the body) is a :class:`~dispatchkit.errors.DecodeError`.
+Bodies and indexes are compressed by Arrow IPC buffer compression (lz4 frame by default,
+zstd or none as options) when they are large enough to gain from it; readers need no
+option, the compression is recorded in the batch. Everything a decoder refuses (another
+version, a corrupt envelope, index or body, an index that disagrees with the body) is a
+:class:`~dispatchkit.errors.DecodeError`.
 
 :func:`cut_jobs` cuts a sorted table and its job row offsets into messages of at most
 ``max_message_bytes``: whole jobs when they fit, and a job bigger than the budget into
@@ -32,6 +34,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Final, Literal
 
 import msgspec
@@ -44,9 +47,21 @@ from dispatchkit.errors import DecodeError, UsageError
 from dispatchkit.message import MAX_DECODE_BYTES
 
 #: Wire-format version this module writes and reads.
-WIRE_VERSION: Final = 2
+WIRE_VERSION: Final = 3
 #: Body column names of combine states in a result message.
 STATE_PREFIX: Final = "state:"
+#: Index column names of key values in a job message.
+KEY_PREFIX: Final = "key:"
+#: The index columns of a job message before its key columns, and of a result message.
+JOB_INDEX: Final = (
+    ("job_id", pa.string()),
+    ("part", pa.int32()),
+    ("parts", pa.int32()),
+    ("rows", pa.int32()),
+)
+RESULT_INDEX: Final = pa.schema(
+    [("job_id", pa.string()), ("part", pa.int32()), ("parts", pa.int32()), ("state", pa.bool_())]
+)
 #: Default budget: below Kafka's 1 MB default ``message.max.bytes``.
 DEFAULT_MAX_MESSAGE_BYTES: Final = 900_000
 
@@ -67,7 +82,10 @@ Int64Array = npt.NDArray[np.int64]
 
 
 class JobEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
-    """One job (or one part of a split job): rows ``[start, end)`` of the body."""
+    """One job (or one part of a split job): rows ``[start, end)`` of the body.
+
+    A row of a job message's index, as Python values (see :attr:`JobMessage.jobs`).
+    """
 
     job_id: str
     part: int  # 0-based
@@ -79,7 +97,10 @@ class JobEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False
 
 
 class ResultEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
-    """One job part that succeeded; ``state`` when its body row is a combine state."""
+    """One job part that succeeded; ``state`` when its body row is a combine state.
+
+    A row of a result message's index, as Python values (see :attr:`ResultMessage.results`).
+    """
 
     job_id: str
     part: int
@@ -108,7 +129,7 @@ class _Jobs(msgspec.Struct, frozen=True, tag="jobs", tag_field="kind", forbid_un
     fingerprint: str
     key_names: list[str]
     key_types: list[str]
-    jobs: list[JobEntry]
+    index: bytes
     body: bytes
 
 
@@ -123,7 +144,7 @@ class _Results(
     task: str
     fingerprint: str
     key_names: list[str]
-    results: list[ResultEntry]
+    index: bytes
     failed: list[Failure]
     body: bytes
 
@@ -203,9 +224,43 @@ def decode_body(body: bytes, *, full: bool = True) -> pa.RecordBatch:
 # --------------------------------------------------------------------------- jobs
 
 
+def job_index(
+    job_ids: pa.Array | Sequence[str],
+    part: npt.ArrayLike,
+    parts: npt.ArrayLike,
+    rows: npt.ArrayLike,
+    keys: pa.Table | pa.RecordBatch,
+) -> pa.RecordBatch:
+    """A job message's index: one row per entry, ``keys`` its typed key columns."""
+    ids = job_ids if isinstance(job_ids, pa.Array) else arrays.strings(list(job_ids))
+    columns: list[pa.Array] = [ids]
+    for values in (part, parts, rows):
+        columns.append(arrays.from_numpy(np.asarray(values, dtype=np.int32), pa.int32()))
+    names = [name for name, _ in JOB_INDEX]
+    for name, column in zip(keys.schema.names, keys.columns, strict=True):
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+        columns.append(column)
+        names.append(KEY_PREFIX + name)
+    return pa.RecordBatch.from_arrays(columns, names=names)
+
+
+def _index_of(
+    jobs: Sequence[JobEntry], key_names: Sequence[str], key_types: Sequence[str]
+) -> pa.RecordBatch:
+    keys = keys_table(key_names, key_types, [job.key for job in jobs])
+    return job_index(
+        [j.job_id for j in jobs],
+        [j.part for j in jobs],
+        [j.parts for j in jobs],
+        [j.end - j.start for j in jobs],
+        keys,
+    )
+
+
 @dataclass(frozen=True)
 class JobMessage:
-    """A decoded job message: the envelope, the body's batch and the jobs' row offsets."""
+    """A decoded job message: the envelope, its index, the body's batch and the offsets."""
 
     run_id: str
     batch_id: str
@@ -214,14 +269,15 @@ class JobMessage:
     fingerprint: str
     key_names: list[str]
     key_types: list[str]
-    jobs: list[JobEntry]
+    #: One row per entry: ``job_id``, ``part``, ``parts``, ``rows``, ``key:<name>``…
+    index: pa.RecordBatch
     #: The body: only the columns the task reads, every job's rows in order.
     table: pa.RecordBatch
-    #: ``len(jobs) + 1`` row offsets: job ``i`` is ``table[offsets[i]:offsets[i + 1]]``.
+    #: ``len(self) + 1`` row offsets: job ``i`` is ``table[offsets[i]:offsets[i + 1]]``.
     offsets: Int64Array
 
     def __len__(self) -> int:
-        return len(self.jobs)
+        return int(self.index.num_rows)
 
     def rows(self, i: int) -> pa.RecordBatch:
         """Job ``i``'s rows, a zero-copy slice of :attr:`table`."""
@@ -232,22 +288,57 @@ class JobMessage:
         for i, job in enumerate(self.jobs):
             yield job, self.rows(i)
 
+    @cached_property
+    def job_ids(self) -> list[str]:
+        return [str(v) for v in self.index.column(0).to_pylist()]
+
+    @cached_property
+    def part(self) -> Int64Array:
+        return arrays.to_numpy(self.index.column(1)).astype(np.int64)
+
+    @cached_property
+    def parts(self) -> Int64Array:
+        return arrays.to_numpy(self.index.column(2)).astype(np.int64)
+
+    @cached_property
+    def jobs(self) -> list[JobEntry]:
+        """The index as Python values (keys' timestamps as epoch µs), for cold paths."""
+        _, _, keys = key_lists(self.keys())
+        bounds = self.offsets.tolist()
+        return [
+            JobEntry(job_id, part, parts, bounds[i], bounds[i + 1], keys[i])
+            for i, (job_id, part, parts) in enumerate(
+                zip(self.job_ids, self.part.tolist(), self.parts.tolist(), strict=True)
+            )
+        ]
+
     def keys(self) -> pa.Table:
-        """One row per job: the key columns with their Arrow types."""
-        return keys_table(self.key_names, self.key_types, [job.key for job in self.jobs])
+        """One row per job: the key columns with their Arrow types (zero-copy)."""
+        return pa.Table.from_batches(
+            [self.index.select(range(len(JOB_INDEX), self.index.num_columns))]
+        ).rename_columns(self.key_names)
+
+    def entries(self, rows: Sequence[int] | None = None) -> pa.RecordBatch:
+        """The result index of entries ``rows`` (all by default), none failed."""
+        index = self.index if rows is None else self.index.take(arrays.array(rows, pa.int64()))
+        state = arrays.to_numpy(index.column(2)) > 1
+        return pa.RecordBatch.from_arrays(
+            [index.column(0), index.column(1), index.column(2), arrays.from_numpy(state)],
+            schema=RESULT_INDEX,
+        )
 
     def key_texts(self) -> dict[str, str]:
         """``job id → key`` as logs show it (:func:`dispatchkit.keys.key_text`)."""
         from dispatchkit.keys import key_text
 
         keys = self.keys().to_pylist()
-        return {job.job_id: key_text(key) for job, key in zip(self.jobs, keys, strict=True)}
+        return {job_id: key_text(key) for job_id, key in zip(self.job_ids, keys, strict=True)}
 
 
 def keys_table(
     names: Sequence[str], types: Sequence[str], keys: Sequence[Sequence[KeyValue]]
 ) -> pa.Table:
-    """Key values as the envelope carries them (one list per job) into a typed table."""
+    """Key values as Python values (one tuple per job) into a typed table."""
     columns = list(zip(*keys, strict=True)) if keys else [() for _ in names]
     out = []
     for type_name, values in zip(types, columns, strict=True):
@@ -257,7 +348,7 @@ def keys_table(
 
 
 def key_lists(keys: pa.Table) -> tuple[list[str], list[str], list[tuple[KeyValue, ...]]]:
-    """A typed key table (one row per job) as the envelope's names, types and tuples."""
+    """A typed key table (one row per job) as names, types and Python tuples."""
     names, types, columns = [], [], []
     for field in keys.schema:
         type_name = str(field.type)
@@ -285,17 +376,24 @@ def encode_jobs(
     fingerprint: str,
     key_names: Sequence[str],
     key_types: Sequence[str],
-    jobs: Sequence[JobEntry],
+    jobs: Sequence[JobEntry] | pa.RecordBatch,
     table: pa.Table | pa.RecordBatch,
     compression: Compression = "lz4",
     check: bool = True,
 ) -> bytes:
-    """Encode a job message; ``jobs`` are contiguous row ranges covering ``table``."""
-    if check:
-        _check_ranges(jobs, table.num_rows, len(key_names))
+    """Encode a job message; ``jobs`` (entries, or an index of :func:`job_index`) are
+    contiguous row ranges covering ``table``."""
     for name in key_types:
         if name not in KEY_TYPES:
             raise UsageError(f"unknown key type {name!r}; keys may be {', '.join(KEY_TYPES)}")
+    if isinstance(jobs, pa.RecordBatch):
+        index = jobs
+    else:
+        if check:
+            _check_ranges(jobs, table.num_rows, len(key_names))
+        index = _index_of(jobs, key_names, key_types)
+    if check:
+        _offsets(index, list(key_names), list(key_types), table.num_rows)
     return _encoder.encode(
         _Jobs(
             v=WIRE_VERSION,
@@ -306,53 +404,86 @@ def encode_jobs(
             fingerprint=fingerprint,
             key_names=list(key_names),
             key_types=list(key_types),
-            jobs=list(jobs),
+            index=encode_body(index, compression),
             body=encode_body(table, compression),
         )
     )
 
 
-def _ranges(jobs: Sequence[JobEntry], num_rows: int, n_keys: int) -> npt.NDArray[np.int64]:
-    """The jobs' row offsets (``len(jobs) + 1``), checked at once; the first fault is
-    named by :func:`_check_ranges`."""
-    n = len(jobs)
-    bounds = np.fromiter(
-        itertools.chain.from_iterable((j.start, j.end, j.part, j.parts) for j in jobs),
-        dtype=np.int64,
-        count=4 * n,
-    ).reshape(n, 4)
-    start, end, part, parts = bounds.T
-    follows = np.empty(n, dtype=np.int64)
-    follows[:1] = 0
-    follows[1:] = end[:-1]
-    ok = (
-        bool(np.all((start == follows) & (end > start) & (parts >= 1) & (part >= 0)))
-        and bool(np.all(part < parts))
-        and (int(end[-1]) if n else 0) == num_rows
-        and all(j.job_id and len(j.key) == n_keys for j in jobs)
-    )
-    if not ok:
-        _check_ranges(jobs, num_rows, n_keys)
-        raise DecodeError("the jobs' row ranges do not cover the body")  # not reached
-    return np.append(start, np.int64(num_rows))
+def _ints(column: pa.Array, what: str) -> Int64Array:
+    if column.null_count:
+        raise DecodeError(f"the index has a null {what}")
+    return arrays.to_numpy(column).astype(np.int64)
+
+
+def _id_lengths(ids: pa.Array) -> Int64Array:
+    """Byte length of each value of a string array, from its offsets buffer."""
+    buf = ids.buffers()[1]
+    if buf is None or len(ids) == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.frombuffer(buf, dtype=np.int32, count=len(ids) + 1, offset=ids.offset * 4)
+    return np.diff(offsets).astype(np.int64)
+
+
+def _check_meta(index: pa.RecordBatch, ids: pa.Array, part: Int64Array, parts: Int64Array) -> None:
+    """The entries' ids and parts, checked at once; the first fault is named."""
+    if ids.null_count:
+        raise DecodeError("the index has a null job_id")
+    empty = _id_lengths(ids) < 1
+    bad = (parts < 1) | (part < 0) | (part >= parts)
+    if empty.any() or bad.any():
+        i = int(np.flatnonzero(empty | bad)[0])
+        job = ids[i].as_py()
+        if empty[i]:
+            raise DecodeError("a job has an empty job_id")
+        raise DecodeError(f"job {job}: invalid part {part[i]} of {parts[i]}")
+
+
+def _offsets(
+    index: pa.RecordBatch, key_names: list[str], key_types: list[str], num_rows: int
+) -> Int64Array:
+    """The jobs' row offsets (``len(index) + 1``) of a checked index."""
+    expected = [
+        *JOB_INDEX,
+        *((KEY_PREFIX + n, KEY_TYPES[t]) for n, t in zip(key_names, key_types, strict=True)),
+    ]
+    got = [(f.name, f.type) for f in index.schema]
+    if got != expected:
+        raise DecodeError(
+            "the index's columns "
+            + ", ".join(f"{n} {t}" for n, t in got)
+            + " are not "
+            + ", ".join(f"{n} {t}" for n, t in expected)
+        )
+    part, parts = _ints(index.column(1), "part"), _ints(index.column(2), "parts")
+    _check_meta(index, index.column(0), part, parts)
+    rows = _ints(index.column(3), "rows")
+    if rows.size and int(rows.min()) < 1:
+        i = int(np.flatnonzero(rows < 1)[0])
+        raise DecodeError(f"job {index.column(0)[i].as_py()}: {rows[i]} rows")
+    offsets = np.zeros(rows.size + 1, dtype=np.int64)
+    np.cumsum(rows, out=offsets[1:])
+    if int(offsets[-1]) != num_rows:
+        raise DecodeError(f"the jobs cover {int(offsets[-1])} rows of a {num_rows}-row body")
+    return offsets
 
 
 def _check_ranges(jobs: Sequence[JobEntry], num_rows: int, n_keys: int) -> None:
     expected = 0
     for job in jobs:
         if not job.job_id:
-            raise DecodeError("a job has an empty job_id")
+            raise UsageError("a job has an empty job_id")
         if job.parts < 1 or not 0 <= job.part < job.parts:
-            raise DecodeError(f"job {job.job_id}: invalid part {job.part} of {job.parts}")
+            raise UsageError(f"job {job.job_id}: invalid part {job.part} of {job.parts}")
         if job.start != expected or job.end <= job.start:
-            raise DecodeError(
+            raise UsageError(
                 f"job {job.job_id}: rows [{job.start}, {job.end}) do not follow row {expected}"
             )
         if len(job.key) != n_keys:
-            raise DecodeError(f"job {job.job_id}: {len(job.key)} key values for {n_keys} keys")
+            raise UsageError(f"job {job.job_id}: {len(job.key)} key values for {n_keys} keys")
         expected = job.end
     if expected != num_rows:
-        raise DecodeError(f"the jobs cover {expected} rows of a {num_rows}-row body")
+        raise UsageError(f"the jobs cover {expected} rows of a {num_rows}-row body")
 
 
 def _envelope_bytes(payload: object, max_bytes: int) -> bytes | memoryview:
@@ -368,8 +499,6 @@ def _check_version(payload: bytes | memoryview, kind: str) -> None:
         probe = _probe.decode(payload)
     except Exception as exc:
         raise DecodeError(f"not a dispatchkit message (not a MessagePack map): {exc}") from None
-    if probe.v == 1:
-        raise DecodeError(f"wire format v1 message; this worker reads v{WIRE_VERSION}")
     if probe.v is None:
         raise DecodeError("not a dispatchkit message: it has no schema version 'v'")
     if probe.v != WIRE_VERSION:
@@ -378,10 +507,17 @@ def _check_version(payload: bytes | memoryview, kind: str) -> None:
         raise DecodeError(f"a {probe.kind!r} message where {kind!r} was expected")
 
 
+def _decode_index(data: bytes, full: bool) -> pa.RecordBatch:
+    try:
+        return decode_body(data, full=full)
+    except DecodeError as exc:
+        raise DecodeError(str(exc).replace("body", "index")) from None
+
+
 def decode_jobs(
     payload: bytes, *, max_bytes: int = MAX_DECODE_BYTES, validate: bool = True
 ) -> JobMessage:
-    """Decode a v2 job message; only :class:`DecodeError` escapes.
+    """Decode a v3 job message; only :class:`DecodeError` escapes.
 
     ``validate=False`` skips Arrow's full validation of the body (UTF-8 of strings,
     offsets), leaving the structural checks.
@@ -391,14 +527,15 @@ def decode_jobs(
     try:
         env = _jobs_decoder.decode(data)
     except Exception as exc:
-        raise DecodeError(f"not a valid v2 job message: {exc}") from None
+        raise DecodeError(f"not a valid v{WIRE_VERSION} job message: {exc}") from None
     if len(env.key_types) != len(env.key_names):
         raise DecodeError("key_names and key_types differ in length")
     for name in env.key_types:
         if name not in KEY_TYPES:
             raise DecodeError(f"unknown key type {name!r}")
+    index = _decode_index(env.index, True)
     batch = decode_body(env.body, full=validate)
-    offsets = _ranges(env.jobs, batch.num_rows, len(env.key_names))
+    offsets = _offsets(index, env.key_names, env.key_types, batch.num_rows)
     return JobMessage(
         run_id=env.run_id,
         batch_id=env.batch_id,
@@ -407,13 +544,26 @@ def decode_jobs(
         fingerprint=env.fingerprint,
         key_names=env.key_names,
         key_types=env.key_types,
-        jobs=env.jobs,
+        index=index,
         table=batch,
         offsets=offsets,
     )
 
 
 # --------------------------------------------------------------------------- results
+
+
+def result_index(entries: Sequence[ResultEntry]) -> pa.RecordBatch:
+    """A result message's index from Python entries."""
+    return pa.RecordBatch.from_arrays(
+        [
+            arrays.strings([e.job_id for e in entries]),
+            arrays.array([e.part for e in entries], pa.int32()),
+            arrays.array([e.parts for e in entries], pa.int32()),
+            arrays.array([e.state for e in entries], pa.bool_()),
+        ],
+        schema=RESULT_INDEX,
+    )
 
 
 @dataclass(frozen=True)
@@ -427,25 +577,45 @@ class ResultMessage:
     task: str
     fingerprint: str
     key_names: list[str]
-    results: list[ResultEntry]
+    #: One row per job part that succeeded: ``job_id``, ``part``, ``parts``, ``state``.
+    index: pa.RecordBatch
     failed: list[Failure]
     #: The body: key columns, result columns, ``state:``-prefixed state columns.
     table: pa.RecordBatch
 
-    def _ids(self, rows: Sequence[int]) -> list[pa.Array]:
-        entries = [self.results[i] for i in rows]
+    def __len__(self) -> int:
+        return int(self.index.num_rows)
+
+    @cached_property
+    def results(self) -> list[ResultEntry]:
+        """The index as Python values, for cold paths."""
+        c = self.index.columns
         return [
-            arrays.strings([e.job_id for e in entries]),
-            arrays.array([e.part for e in entries], pa.int64()),
-            arrays.array([e.parts for e in entries], pa.int64()),
+            ResultEntry(str(j), int(p), int(n), bool(s))
+            for j, p, n, s in zip(
+                c[0].to_pylist(), c[1].to_pylist(), c[2].to_pylist(), c[3].to_pylist(), strict=True
+            )
         ]
 
+    @cached_property
+    def state(self) -> npt.NDArray[np.bool_]:
+        return arrays.to_numpy(self.index.column(3))
+
     def _part(self, state: bool) -> pa.Table:
-        rows = [i for i, e in enumerate(self.results) if e.state == state]
+        mask = self.state == state
         names = self.table.schema.names
         keep = [n for n in names[len(self.key_names) :] if n.startswith(STATE_PREFIX) == state]
-        body = self.table.select([*self.key_names, *keep]).take(arrays.array(rows, pa.int64()))
-        columns = [*self._ids(rows), *body.columns]
+        picked = self.table.select([*self.key_names, *keep])
+        index = self.index
+        if not mask.all():
+            rows = arrays.from_numpy(np.flatnonzero(mask).astype(np.int64))
+            picked, index = picked.take(rows), index.take(rows)
+        columns = [
+            index.column(0),
+            index.column(1).cast(pa.int64()),
+            index.column(2).cast(pa.int64()),
+            *picked.columns,
+        ]
         out = [n.removeprefix(STATE_PREFIX) if state else n for n in keep]
         return pa.Table.from_arrays(
             columns, names=["job_id", "part", "parts", *self.key_names, *out]
@@ -494,7 +664,7 @@ def encode_results(
     app: str,
     task: str,
     fingerprint: str,
-    results: Sequence[ResultEntry],
+    results: Sequence[ResultEntry] | pa.RecordBatch,
     keys: pa.Table,
     values: pa.Table | None,
     states: pa.Table | None = None,
@@ -503,13 +673,17 @@ def encode_results(
 ) -> bytes:
     """Encode a result message.
 
-    ``keys`` has one row per entry of ``results``; ``values`` one row per entry with
-    ``state = False`` (in order), ``states`` one row per entry with ``state = True``.
+    ``results`` are the entries (or their index, see :meth:`JobMessage.entries`);
+    ``keys`` has one row per entry, ``values`` one row per entry with ``state = False``
+    (in order), ``states`` one row per entry with ``state = True``.
     """
-    n = len(results)
+    index = results if isinstance(results, pa.RecordBatch) else result_index(results)
+    if index.schema != RESULT_INDEX:
+        raise UsageError(f"a result index has the columns {RESULT_INDEX}, not {index.schema}")
+    n = index.num_rows
     if keys.num_rows != n:
         raise UsageError(f"{keys.num_rows} key rows for {n} results")
-    state = np.fromiter((e.state for e in results), dtype=np.bool_, count=n)
+    state = arrays.to_numpy(index.column(3)) if n else np.zeros(0, dtype=np.bool_)
     names = list(keys.schema.names)
     value_names = [] if values is None else list(values.schema.names)
     state_names = [] if states is None else [STATE_PREFIX + s for s in states.schema.names]
@@ -531,7 +705,7 @@ def encode_results(
             task=task,
             fingerprint=fingerprint,
             key_names=names,
-            results=list(results),
+            index=encode_body(index, compression),
             failed=list(failed),
             body=encode_body(body, compression),
         )
@@ -541,20 +715,26 @@ def encode_results(
 def decode_results(
     payload: bytes, *, max_bytes: int = MAX_DECODE_BYTES, validate: bool = True
 ) -> ResultMessage:
-    """Decode a v2 result message; only :class:`DecodeError` escapes."""
+    """Decode a v3 result message; only :class:`DecodeError` escapes."""
     data = _envelope_bytes(payload, max_bytes)
     _check_version(data, "results")
     try:
         env = _results_decoder.decode(data)
     except Exception as exc:
-        raise DecodeError(f"not a valid v2 result message: {exc}") from None
+        raise DecodeError(f"not a valid v{WIRE_VERSION} result message: {exc}") from None
+    index = _decode_index(env.index, True)
+    if index.schema != RESULT_INDEX:
+        raise DecodeError(f"the result index's columns are {index.schema.names}")
     batch = decode_body(env.body, full=validate)
-    if batch.num_rows != len(env.results):
-        raise DecodeError(f"{batch.num_rows} body rows for {len(env.results)} results")
+    if batch.num_rows != index.num_rows:
+        raise DecodeError(f"{batch.num_rows} body rows for {index.num_rows} results")
     if batch.schema.names[: len(env.key_names)] != env.key_names:
         raise DecodeError("the body does not start with the key columns")
-    parts: list[ResultEntry | Failure] = [*env.results, *env.failed]
-    for e in parts:
+    if index.column(3).null_count:
+        raise DecodeError("the index has a null state")
+    part, parts = _ints(index.column(1), "part"), _ints(index.column(2), "parts")
+    _check_meta(index, index.column(0), part, parts)
+    for e in env.failed:
         if not e.job_id or e.parts < 1 or not 0 <= e.part < e.parts:
             raise DecodeError(f"result {e.job_id!r}: invalid part {e.part} of {e.parts}")
     return ResultMessage(
@@ -565,7 +745,7 @@ def decode_results(
         task=env.task,
         fingerprint=env.fingerprint,
         key_names=env.key_names,
-        results=env.results,
+        index=index,
         failed=env.failed,
         table=batch,
     )
@@ -574,9 +754,19 @@ def decode_results(
 # --------------------------------------------------------------------------- sizing
 
 
-#: Bytes an Arrow buffer may add beyond its data: padding to 8 bytes, the 8-byte
-#: uncompressed length and an lz4/zstd frame header and end mark, and its metadata.
-_BUFFER_OVERHEAD: Final = 64
+#: Bytes an Arrow buffer may add beyond its data: its metadata (16) and padding to 8
+#: bytes, and when compressed the 8-byte uncompressed length and an lz4/zstd frame header
+#: and end mark.
+_BUFFER_OVERHEAD: Final = 24
+_COMPRESSED_BUFFER_OVERHEAD: Final = 64
+
+
+def _buffer_overhead(compression: Compression, budget: int | None) -> int:
+    """Per-buffer allowance; under :data:`COMPRESS_MIN_BYTES` a message is never compressed
+    (its batches are planned on their uncompressed size, below that threshold)."""
+    if compression == "none" or (budget is not None and budget <= COMPRESS_MIN_BYTES):
+        return _BUFFER_OVERHEAD
+    return _COMPRESSED_BUFFER_OVERHEAD
 
 
 def row_bytes(table: pa.Table | pa.RecordBatch) -> npt.NDArray[np.float64]:
@@ -610,23 +800,65 @@ def _fixed(t: pa.DataType) -> bool:
         return False
 
 
-def body_overhead(schema: pa.Schema, compression: Compression = "lz4") -> int:
-    """Bytes of a body with no rows, plus the per-buffer allowance of a batch."""
+def body_overhead(
+    schema: pa.Schema, compression: Compression = "lz4", budget: int | None = None
+) -> int:
+    """Bytes of a body with no rows, plus the per-buffer allowance of a batch (at most
+    three buffers a column) in a message of at most ``budget`` bytes."""
     empty = len(encode_body(arrays.empty_batch(schema), compression))
-    return empty + 3 * len(schema) * _BUFFER_OVERHEAD
+    return empty + 3 * len(schema) * _buffer_overhead(compression, budget)
 
 
-def entry_bytes(job_id_bytes: int, key: Sequence[KeyValue]) -> int:
-    """An upper bound of one job entry's envelope bytes."""
-    sample = JobEntry(
-        job_id="x" * job_id_bytes,
-        part=2**62,
-        parts=2**62,
-        start=2**62,
-        end=2**62,
-        key=tuple(2**62 if isinstance(k, int) and not isinstance(k, bool) else k for k in key),
+def index_schema(keys: pa.Schema) -> pa.Schema:
+    """The schema of a job message's index for key columns ``keys``."""
+    return pa.schema([*JOB_INDEX, *((KEY_PREFIX + f.name, f.type) for f in keys)])
+
+
+def entry_costs(job_ids: pa.Array, keys: pa.Table | pa.RecordBatch) -> npt.NDArray[np.float64]:
+    """An upper bound of each entry's index bytes (uncompressed), vectorized over jobs."""
+    # job_id: a 4-byte offset and its bytes; part, parts, rows: 4 bytes; a validity bit each.
+    return _id_lengths(job_ids) + (4 + 12 + 0.5) + row_bytes(keys)
+
+
+def job_envelope_overhead(
+    *,
+    run_id: str,
+    app: str,
+    task: str,
+    fingerprint: str,
+    keys: pa.Schema,
+    body: pa.Schema,
+    compression: Compression,
+    budget: int,
+) -> int:
+    """Bytes a job message takes beyond its rows and entries: the envelope (a batch id of
+    up to 64 characters), an empty index and body, and their buffers' allowances."""
+    head = _Jobs(
+        v=WIRE_VERSION,
+        run_id=run_id,
+        batch_id="x" * 64,
+        app=app,
+        task=task,
+        fingerprint=fingerprint,
+        key_names=list(keys.names),
+        key_types=[str(f.type) for f in keys],
+        index=b"",
+        body=b"",
     )
-    return len(_encoder.encode(sample))
+    # + 10: the two bin headers (at most 5 bytes each) around the index and the body.
+    return (
+        len(_encoder.encode(head))
+        + 10
+        + body_overhead(body, compression, budget)
+        + index_overhead(keys, compression, budget)
+    )
+
+
+def index_overhead(
+    keys: pa.Schema, compression: Compression = "lz4", budget: int | None = None
+) -> int:
+    """Bytes of an index with no rows, plus the per-buffer allowance of a batch."""
+    return body_overhead(index_schema(keys), compression, budget)
 
 
 def encoded_size(table: pa.Table | pa.RecordBatch, compression: Compression = "lz4") -> int:
@@ -787,41 +1019,33 @@ def cut_jobs(
             f"{len(job_ids)} job ids and {len(key_values)} keys for {off.size - 1} jobs"
         )
     table = table.combine_chunks()
-    head = _Jobs(
-        v=WIRE_VERSION,
+    fixed = job_envelope_overhead(
         run_id=run_id,
-        batch_id="x" * 64,
         app=app,
         task=task,
         fingerprint=fingerprint,
-        key_names=key_names,
-        key_types=key_types,
-        jobs=[],
-        body=b"",
+        keys=keys.schema,
+        body=table.schema,
+        compression=compression,
+        budget=max_message_bytes,
     )
-    fixed = len(_encoder.encode(head)) + 16 + body_overhead(table.schema, compression)
     capacity = float(max_message_bytes - fixed)
     if capacity <= 0:
         raise UsageError(f"max_message_bytes {max_message_bytes} cannot carry one job")
     # lz4 and zstd may add a little to incompressible buffers.
     slack = 1.0 if compression == "none" else 1.01
     rc = row_bytes(table) * (expected_ratio * slack)
-    ec = _entry_costs(job_ids, keys)
+    ids = arrays.strings(list(job_ids))
+    keys = keys.combine_chunks()
+    ec = entry_costs(ids, keys) * slack
     for _attempt in range(8):
         messages = []
         for cut in plan_cuts(off, rc, ec, capacity=capacity, groups=groups, max_jobs=max_jobs):
             first = int(cut.job[0])
-            entries = [
-                JobEntry(job_ids[j], part, parts, start, end, key_values[j])
-                for j, part, parts, start, end in zip(
-                    cut.job.tolist(),
-                    cut.part.tolist(),
-                    cut.parts.tolist(),
-                    cut.start.tolist(),
-                    cut.end.tolist(),
-                    strict=True,
-                )
-            ]
+            picked = arrays.from_numpy(cut.job)
+            index = job_index(
+                ids.take(picked), cut.part, cut.parts, cut.end - cut.start, keys.take(picked)
+            )
             payload = encode_jobs(
                 run_id=run_id,
                 batch_id=f"{job_ids[first]}.{int(cut.part[0])}",
@@ -830,7 +1054,7 @@ def cut_jobs(
                 fingerprint=fingerprint,
                 key_names=key_names,
                 key_types=key_types,
-                jobs=entries,
+                jobs=index,
                 table=table.slice(cut.row_start, cut.row_end - cut.row_start),
                 compression=compression,
                 check=False,
@@ -843,22 +1067,3 @@ def cut_jobs(
         else:
             return messages
     raise UsageError(f"max_message_bytes {max_message_bytes} is too small for these jobs")
-
-
-def _entry_costs(job_ids: Sequence[str], keys: pa.Table) -> Int64Array:
-    """An upper bound of each job entry's envelope bytes, vectorized over jobs."""
-    ids = arrays.strings(job_ids)
-    cost = entry_bytes(0, ()) + 5 + _lengths(ids)  # a str header is at most 5 bytes
-    for column in keys.columns:
-        if pa.types.is_string(column.type):
-            cost += 5 + _lengths(column)
-        else:
-            cost += 9  # an int of up to 64 bits (or a bool, or nil)
-    return cost
-
-
-def _lengths(column: pa.Array | pa.ChunkedArray) -> Int64Array:
-    import pyarrow.compute as pc
-
-    lengths = pc.fill_null(pc.binary_length(column), 0).cast(pa.int64())
-    return arrays.to_numpy(lengths).astype(np.int64)

@@ -1,7 +1,7 @@
 """The worker: take one job message at a time, run the app's task, hand back the results.
 
 :class:`Worker` is transport-free: :meth:`Worker.handle` turns an encoded job message
-(wire v2) into an encoded result message, using the task's vectorized form when it has
+(wire v3) into an encoded result message, using the task's vectorized form when it has
 one, retrying a failing job with capped exponential backoff and
 full jitter, and setting aside jobs that still fail. :func:`run` is the loop every
 transport shares: consume → handle → ack (or reject), until stopped or, with ``burst``,
@@ -105,7 +105,7 @@ class Worker:
         """Compute a job message; raises :class:`DecodeError` for bytes that are not one,
         :class:`MisdeployedError` for a job of other code."""
         msg = wire.decode_jobs(payload)
-        metrics.computing(len(msg.jobs))
+        metrics.computing(len(msg))
         with logs.context(run=msg.run_id, batch=msg.batch_id):
             return self._handle(msg)
 
@@ -114,8 +114,8 @@ class Worker:
         faults.maybe_sleep()
         keys = msg.keys()
         rows = pa.Table.from_batches([msg.table])
-        n = len(msg.jobs)
-        split = n == 1 and msg.jobs[0].parts > 1
+        n = len(msg)
+        split = n == 1 and int(msg.parts[0]) > 1
         outcome: list[Any] = [None] * n  # a result row, a state row, or a Failure
         if not split and not faults.enabled() and task.vectorized_fn is not None:
             try:
@@ -208,8 +208,7 @@ class Worker:
         rows: pa.Table,
     ) -> Handled:
         """The result message of the jobs ``done``, and a dead letter of the others."""
-        jobs = [msg.jobs[i] for i in done]
-        entries = [wire.ResultEntry(j.job_id, j.part, j.parts, state=j.parts > 1) for j in jobs]
+        entries = msg.entries(None if len(done) == len(msg) else done)
         result = wire.encode_results(
             run_id=msg.run_id,
             batch_id=msg.batch_id,
@@ -224,8 +223,8 @@ class Worker:
             failed=failed,
         )
         if not failed:
-            return Handled(result=result, jobs=len(entries), task=msg.task)
-        dead = [i for i in range(len(msg.jobs)) if i not in set(done)]
+            return Handled(result=result, jobs=entries.num_rows, task=msg.task)
+        dead = [i for i in range(len(msg)) if i not in set(done)]
         at, moved, slices = 0, [], []
         for i in dead:
             j = msg.jobs[i]
@@ -247,7 +246,7 @@ class Worker:
         last = failed[-1]
         return Handled(
             result=result,
-            jobs=len(entries),
+            jobs=entries.num_rows,
             task=msg.task,
             dead=len(failed),
             failed=dead_payload,

@@ -272,7 +272,7 @@ def worker_rates(spec: dict[str, Any], run_id: str) -> list[float]:
         if headers_of(msg).get(H_RUN) != run_id:
             continue
         rb = decode_results(msg.value(), validate=False)
-        seen.setdefault(rb.worker, []).append((msg.timestamp()[1] / 1000.0, len(rb.results)))
+        seen.setdefault(rb.worker, []).append((msg.timestamp()[1] / 1000.0, len(rb)))
     rates = []
     for stamps in seen.values():
         stamps.sort()

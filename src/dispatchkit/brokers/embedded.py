@@ -273,7 +273,7 @@ class EmbeddedBroker(Broker):
                 slot.outstanding.popleft()
             if reply.result is not None:
                 result = decode_results(reply.result)
-                if result.results:
+                if len(result):
                     self._results.append(result)
             if reply.dead is not None:
                 self.dead_letters.append(

@@ -180,7 +180,7 @@ def cmd_dispatch(args: argparse.Namespace, bars: Bars) -> int:
     from dispatchkit.kafka_run import dispatch
     from dispatchkit.runner import RunSpec
 
-    check_message_bytes(args.run_id, args.max_message_bytes)
+    check_message_bytes(args.run_id, args.max_message_bytes, args.app, args.task)
     settings = kafka_settings_from_args(args)
     spec = RunSpec(
         input=args.input,

@@ -180,21 +180,29 @@ def _countries(text: str) -> dict[str, str]:
 # -- run --------------------------------------------------------------------------------
 
 
-def check_message_bytes(run_id: str | None, max_message_bytes: int) -> None:
+def check_message_bytes(
+    run_id: str | None, max_message_bytes: int, app_spec: str | None, task: str
+) -> None:
     """Refuse, before any work, a --max-message-bytes too small to carry one job.
 
-    A job part may carry ``max_message_bytes - 256 - len(run_id) - 96`` bytes of
-    outcomes (:class:`~dispatchkit.dispatcher.Dispatcher`); at least one byte must fit.
-    A derived run id (``run-`` and 12 hex digits) always fits the 1,024-byte minimum.
+    The envelope of a job message (run id, app, task, fingerprint, the index's and the
+    body's schemas) takes a fixed number of bytes whatever the jobs; one small job must
+    fit beside it. A derived run id (``run-`` and 12 hex digits) is counted at its length.
     """
-    if run_id is None:
-        return
-    minimum = max(1024, 256 + len(run_id.encode()) + 96 + 1)
+    if max_message_bytes >= 64 * 1024:
+        return  # every app's envelope is far smaller
+    from dispatchkit.app import load_app
+    from dispatchkit.runner import minimum_message_bytes
+
+    rid = run_id if run_id is not None else "run-" + "0" * 12
+    minimum = minimum_message_bytes(load_app(app_spec), task, rid)
     if max_message_bytes < minimum:
+        about = (
+            f"--run-id of {len(rid.encode()):,} bytes" if run_id is not None else "a derived run id"
+        )
         raise UsageError(
-            f"--max-message-bytes {max_message_bytes:,} is too small for --run-id of "
-            f"{len(run_id.encode()):,} bytes: a message that carries one job needs at "
-            f"least {minimum:,} bytes"
+            f"--max-message-bytes {max_message_bytes:,} is too small for {about}: a "
+            f"message that carries one job of task {task!r} needs at least {minimum:,} bytes"
         )
 
 
@@ -206,7 +214,7 @@ def cmd_run(args: argparse.Namespace, bars: Bars) -> int:
     from dispatchkit.runner import RunSpec, run_embedded
     from dispatchkit.worker import RetryPolicy
 
-    check_message_bytes(args.run_id, args.max_message_bytes)
+    check_message_bytes(args.run_id, args.max_message_bytes, args.app, args.task)
     source = args.input
     if source is None:
         path = default_data_path()
