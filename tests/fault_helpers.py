@@ -228,6 +228,19 @@ class Fleet:
         self.restarts += 1
         self.start(wid, *extra, env=env)
 
+    def wait_ready(self, wids: list[str], timeout: float = 60) -> None:
+        """Wait until each worker's latest start has joined the group (logged an
+        assignment): a worker signalled while still starting exits on the signal."""
+        deadline = time.monotonic() + timeout
+        for wid in wids:
+            while time.monotonic() < deadline:
+                text = self.log(wid).read_text(errors="replace") if self.log(wid).exists() else ""
+                if " assigned " in text.rsplit("=== worker", 1)[-1]:
+                    break
+                if self.procs[wid].poll() is not None:
+                    break
+                time.sleep(0.2)
+
     def supervise(self) -> None:
         """Restart, with its id, every worker that exited (as any supervisor would)."""
         for wid, p in list(self.procs.items()):

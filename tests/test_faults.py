@@ -226,6 +226,7 @@ def test_kill_all_workers_and_restart_them(data: Path, tmp_path: Path) -> None:
     hook, fired = at_half(kill_all)
     try:
         summary = collect_with(settings, "killall", tmp_path, on_progress=hook)
+        fleet.wait_ready(ids)  # the run may end before the restarted workers are up
     finally:
         codes = fleet.terminate()
     assert fired and fleet.kills == 3

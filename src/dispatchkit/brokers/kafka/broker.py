@@ -556,7 +556,7 @@ class KafkaBroker(Broker):
                 batch = decode_jobs(msg.value(), validate=False)
             except DecodeError:
                 continue
-            seen.update((j.job_id, j.part) for j in batch.jobs)
+            seen.update(zip(batch.job_ids, batch.part.tolist(), strict=True))
         return seen
 
     def close(self) -> None:
