@@ -393,7 +393,9 @@ class _JobIds:
 
     def of(self, key_rows: pa.Table) -> pa.Array:
         if self._con is None or self._sql is None:
-            self._con = duckdb.connect()
+            # One thread, little memory: the sort (the reader's DuckDB) and the workers need the
+            # cores, and a batch of keys is small.
+            self._con = duckdb.connect(config={"threads": 1, "memory_limit": "64MB"})
             expr, prefix = job_ids_sql(*self._names, key_rows.schema)
             self._sql = (f"SELECT {expr} AS id FROM key_rows", prefix)
         query, prefix = self._sql
