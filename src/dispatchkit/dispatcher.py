@@ -57,9 +57,19 @@ class Outgoing:
     payload: bytes
     key: bytes  # the transport key: the jobs' bucket (one job key → one message key)
     batch_id: str
-    job_ids: tuple[str, ...]
-    parts: tuple[tuple[int, int], ...]  # (part, parts) of each entry
+    index: pa.RecordBatch  # the message's job index (see :func:`dispatchkit.wire.job_index`)
     rows: int
+
+    @property
+    def job_ids(self) -> tuple[str, ...]:
+        """The id of each entry, in order (built on demand: Python strings cost per job)."""
+        return tuple(self.index.column(0).to_pylist())
+
+    @property
+    def parts(self) -> tuple[tuple[int, int], ...]:
+        """(part, parts) of each entry, in order."""
+        part = self.index.column(1).to_pylist()
+        return tuple(zip(part, self.index.column(2).to_pylist(), strict=True))
 
 
 @dataclass
@@ -345,13 +355,11 @@ class Dispatcher:
         stats.bytes_sent += len(payload)
         stats.largest_message = max(stats.largest_message, len(payload))
         self._meter.sent(len(payload), stats.jobs_sent)
-        parts = arrays.to_numpy(index.column(2))
         yield Outgoing(
             payload=payload,
             key=f"b{bucket}".encode(),
             batch_id=batch_id,
-            job_ids=tuple(index.column(0).to_pylist()),
-            parts=tuple(zip(part.tolist(), parts.tolist(), strict=True)),
+            index=index,
             rows=rows.num_rows,
         )
 

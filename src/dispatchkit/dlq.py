@@ -171,8 +171,7 @@ def _one_job(msg: wire.JobMessage, job: wire.JobEntry, record_key: bytes) -> Out
         payload=payload,
         key=record_key,
         batch_id=batch_id,
-        job_ids=(job.job_id,),
-        parts=((job.part, job.parts),),
+        index=wire.decode_jobs(payload).index,
         rows=job.end - job.start,
     )
 
