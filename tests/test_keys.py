@@ -220,8 +220,10 @@ def test_job_id_is_stable_and_typed() -> None:
     assert a == job_id("run", "sales", "totals", {"s": 3, "c": "web", "f": True, "d": day})
     # Pinned: ids must not change within a wire format (a run's identity records its
     # format, so a run of another format is refused before its ids could differ).
-    assert a == "c7b76428b7ce4bafb26a"
+    assert a == "0c57a8de7931316e952b"
     assert len(a) == 20
+    # A datetime is its epoch microseconds, as the dispatcher reads a timestamp key.
+    assert a == job_id("run", "sales", "totals", (3, "web", True, 1_583_020_800_000_000))
     others = {
         job_id("run", "sales", "totals", ("3", "web", True, day)),
         job_id("run", "sales", "totals", (3, "web", 1, day)),
@@ -237,7 +239,12 @@ KEY_TYPES = {
     "s": (pa.string(), st.text(max_size=12)),
     "i": (pa.int64(), st.integers(-(2**63), 2**63 - 1)),
     "b": (pa.bool_(), st.booleans()),
-    "t": (pa.timestamp("us", tz="UTC"), st.integers(-(2**62), 2**62)),
+    "t": (
+        pa.timestamp("us", tz="UTC"),
+        # years 1 to 9999 (Python's datetimes), or any of DuckDB's timestamps
+        st.integers(-62_135_596_800 * 10**6, 253_402_300_799 * 10**6)
+        | st.integers(-(2**62), 2**62),
+    ),
 }
 
 
@@ -275,6 +282,21 @@ def test_job_ids_in_sql_equal_the_python_ones(
     # Timestamps go into ids as their epoch microseconds (ints), as the dispatcher has them.
     assert [g[0] for g in got] == job_ids(run, "app", "task", rows)
     assert job_ids(run, "app", "task", rows[:1]) == [job_id(run, "app", "task", rows[0])]
+    # ... and given as datetimes (where Python has them: years 1 to 9999), the same ids.
+    as_dt = [
+        tuple(_as_datetime(v) if k == "t" else v for v, k in zip(r, kinds, strict=True))
+        for r in rows
+    ]
+    if all(v is not None for r in as_dt for v in r):
+        assert job_ids(run, "app", "task", as_dt) == [g[0] for g in got]
+        assert job_id(run, "app", "task", as_dt[0]) == got[0][0]
+
+
+def _as_datetime(us: int) -> datetime | None:
+    try:
+        return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
+    except OverflowError:
+        return None
 
 
 def test_key_text() -> None:

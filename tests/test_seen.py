@@ -58,7 +58,7 @@ def test_first_of_equal_keeps_the_first_of_each_pair(rows: list[tuple[str, int]]
 
 Flush = list[tuple[str, int, int]]  # (job_id, part, parts) in arrival order
 
-parts_of = st.sampled_from([(p, 1) for p in range(1)] + [(p, 3) for p in range(3)])
+parts_of = st.sampled_from([(0, 1)] + [(p, 2) for p in range(2)] + [(p, 3) for p in range(3)])
 flushes = st.lists(
     st.lists(st.tuples(st.sampled_from(["j1", "j2", "j3", "j4", "j5"]), parts_of), max_size=12),
     min_size=1,
@@ -82,12 +82,20 @@ def _stored(store: ResultStore, run_id: str = "r") -> list[tuple[str, int, int]]
     return [(str(j), int(p), int(t)) for j, p, t in rows]
 
 
+def _done(reference: dict[tuple[str, int], tuple[int, int]]) -> int:
+    """Jobs with every part 0..n-1 of one split into n parts stored (n = 1: whole)."""
+    splits: dict[tuple[str, int], set[int]] = {}
+    for (job, part), (_, n) in reference.items():
+        splits.setdefault((job, n), set()).add(part)
+    return len({job for (job, n), got in splits.items() if got == set(range(n))})
+
+
 def _replay(
     store_path: Path, batches: list[list[tuple[str, tuple[int, int]]]], reopen_at: int
 ) -> None:
     """Store ``batches`` (one flush each), reopening the store at ``reopen_at``; check
     after every flush against the reference."""
-    reference: dict[tuple[str, int], int] = {}  # pair → the tests value of its first row
+    reference: dict[tuple[str, int], tuple[int, int]] = {}  # pair → its first (tests, parts)
     counter = 0
     store = ResultStore(store_path)
     try:
@@ -103,14 +111,17 @@ def _replay(
                 counter += 1
                 parts.append((job, part, n, counter + 10, 1))
                 if (job, part) not in reference:
-                    reference[(job, part)] = counter + 10
+                    reference[(job, part)] = (counter + 10, n)
                     new += 1
             # Each job part as a message of its own, then one flush of them all.
             for p in parts:
                 store.add(result_message("r", [p]))  # type: ignore[arg-type]
             assert store.flush() == new
-            expected = sorted((j, p, t) for (j, p), t in reference.items())
+            expected = sorted((j, p, t) for (j, p), (t, _) in reference.items())
             assert _stored(store) == expected
+            done = _done(reference)
+            assert store.jobs_done("r") == done
+            assert store.jobs_done_counted("r") == done
     finally:
         store.close()
 

@@ -211,16 +211,17 @@ def _collect(
             if new_parts != parts:
                 last_progress = now
             parts = new_parts
-        # Counting done jobs is a query over every stored part: made when every part may
-        # be in, when parts stop coming, and otherwise at most every few seconds (its
-        # own cost times 20), so a long run does not spend its time counting.
+        # Done jobs are counted from the parts this store wrote, a query over the split
+        # parts only (store.jobs_done_counted): made when every part may be in, when
+        # parts stop coming, and otherwise at most every quarter second or its own cost
+        # times 20, so a run of many split jobs does not spend its time counting.
         if parts != parts_counted and (
             (manifest.status == "dispatched" and parts >= manifest.total_parts)
             or now - last_progress > 1.0
-            or now - counted_at > max(2.0, 20 * count_cost)
+            or now - counted_at > max(0.25, 20 * count_cost)
         ):
             t0 = time.monotonic()
-            done, parts_counted = store.jobs_done(run_id), parts
+            done, parts_counted = store.jobs_done_counted(run_id), parts
             count_cost, counted_at = time.monotonic() - t0, now
             metrics.run_progress(jobs_done=done)
             bars.update("jobs", completed=done)
@@ -240,7 +241,7 @@ def _collect(
             for message in broker.results(0.0):
                 store.add(message)
             _flush(broker, store, run_id)
-            done = store.jobs_done(run_id)
+            done = store.jobs_done_counted(run_id)
             dead = broker.dead_jobs(run_id)
             status = "complete" if done == manifest.total_jobs else "incomplete"
             break

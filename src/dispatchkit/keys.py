@@ -270,8 +270,8 @@ def _token(value: object) -> bytes:
         text = f"i{value}"
     elif isinstance(value, str):
         text = "s" + value
-    elif isinstance(value, datetime):
-        text = f"t{epoch_us(value)}"
+    elif isinstance(value, datetime):  # as the dispatcher has it: epoch µs, an int
+        text = f"i{epoch_us(value)}"
     elif hasattr(value, "item"):  # a NumPy scalar
         return _token(value.item())
     else:
@@ -298,8 +298,9 @@ def job_id(
     """The stable id of the job for ``key_values`` of ``task`` of ``app`` in a run.
 
     The first 80 bits of the MD5 of the run, the app, the task and the key values, each
-    typed and length-prefixed (:func:`_token`), as hex. :func:`job_ids_sql` computes the
-    same ids in DuckDB (timestamps there as their epoch microseconds, an ``i`` token).
+    typed and length-prefixed (:func:`_token`), as hex; a timestamp is its epoch
+    microseconds (an int), as the dispatcher reads it. :func:`job_ids_sql` computes the
+    same ids in DuckDB.
     """
     values = tuple(key_values.values()) if isinstance(key_values, Mapping) else key_values
     data = _prefix(run_id, app, task) + b"".join(_token(value) for value in values)

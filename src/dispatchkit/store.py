@@ -142,6 +142,17 @@ class RunRecord:
     parts_table: str | None = None
 
 
+@dataclass(frozen=True)
+class _Stored:
+    """Stored parts of one run: of whole jobs, and of split jobs."""
+
+    whole: int = 0
+    split: int = 0
+
+    def __add__(self, other: _Stored) -> _Stored:
+        return _Stored(self.whole + other.whole, self.split + other.split)
+
+
 class ResultStore:
     """Results and runs in a DuckDB file (``:memory:`` for a throwaway store)."""
 
@@ -163,6 +174,9 @@ class ResultStore:
         self._layouts: dict[str, Layout] = {}
         self._tasks: dict[str, Task] = {}
         self._seen: dict[str, Fingerprints] = {}  # per run: the parts stored
+        # per run, beside its fingerprints: stored parts of whole jobs (parts = 1) and of
+        # split jobs (parts > 1), so counting done jobs needs no query over every part
+        self._stored: dict[str, _Stored] = {}
         self.duplicates = 0
 
     def __enter__(self) -> ResultStore:
@@ -349,8 +363,9 @@ class ResultStore:
             with contextlib.suppress(duckdb.Error):  # a failed COMMIT has rolled back already
                 self.con.execute("ROLLBACK")
             raise
-        for run_id, fingerprints in stored:  # held once they are on disk
+        for run_id, fingerprints, counts in stored:  # held once they are on disk
             self._seen[run_id].add(fingerprints)
+            self._stored[run_id] += counts
         self.duplicates += self._buffered - new
         self._buffer, self._buffered = [], 0
         return new
@@ -368,22 +383,23 @@ class ResultStore:
         if rows:
             self.con.executemany("INSERT INTO read_positions VALUES (?, ?, ?, ?, ?, ?)", rows)
 
-    def _insert_buffer(self) -> tuple[int, list[tuple[str, np.ndarray]]]:
+    def _insert_buffer(self) -> tuple[int, list[tuple[str, np.ndarray, _Stored]]]:
         """Insert the buffered parts not stored yet; returns how many were inserted and,
-        per run, their fingerprints (held once the transaction commits)."""
+        per run, their fingerprints and counts (held once the transaction commits)."""
         by_run: dict[str, list[pa.Table]] = {}
         for table in self._buffer:
             by_run.setdefault(str(table.column("run_id")[0].as_py()), []).append(table)
         new, stored = 0, []
         for run_id, tables in by_run.items():
-            n, fingerprints = self._insert_new(run_id, pa.concat_tables(tables))
+            n, fingerprints, counts = self._insert_new(run_id, pa.concat_tables(tables))
             new += n
-            stored.append((run_id, fingerprints))
+            stored.append((run_id, fingerprints, counts))
         return new, stored
 
-    def _insert_new(self, run_id: str, incoming: pa.Table) -> tuple[int, np.ndarray]:
+    def _insert_new(self, run_id: str, incoming: pa.Table) -> tuple[int, np.ndarray, _Stored]:
         """Insert the parts of ``incoming`` (one run) that are not stored and not repeated
-        earlier in it (:mod:`dispatchkit.seen`); returns their count and fingerprints."""
+        earlier in it (:mod:`dispatchkit.seen`); returns their count, fingerprints and
+        counts by kind."""
         name = self.layout(run_id).table
         seen = self._fingerprints(run_id, name)
         self.con.register("incoming", incoming)
@@ -412,7 +428,9 @@ class ResultStore:
                 self.con.execute(f"INSERT INTO {name} SELECT * FROM incoming")
         finally:
             self.con.unregister("incoming")
-        return int(keep.sum()), fingerprints[keep]
+        whole = int(np.count_nonzero(incoming.column("parts").to_numpy()[keep] == 1))
+        kept = int(keep.sum())
+        return kept, fingerprints[keep], _Stored(whole, kept - whole)
 
     def _fingerprints(self, run_id: str, table: str) -> Fingerprints:
         """The fingerprints of the run's stored parts, read from its table the first time."""
@@ -423,6 +441,12 @@ class ResultStore:
                 f"SELECT {_FINGERPRINT} AS h FROM {table} WHERE run_id = ?", [run_id]
             ).fetchnumpy()["h"]
             seen.add(np.asarray(held, dtype=np.uint64))
+            row = self.con.execute(
+                f"SELECT count(*) FILTER (WHERE parts = 1), count(*) FILTER (WHERE parts > 1) "
+                f"FROM {table} WHERE run_id = ?",
+                [run_id],
+            ).fetchall()[0]
+            self._stored[run_id] = _Stored(int(row[0]), int(row[1]))
             self._seen[run_id] = seen
         return seen
 
@@ -481,7 +505,32 @@ class ResultStore:
         ).fetchall()
         return int(row[0][0]) if row else 0
 
+    def jobs_done_counted(self, run_id: str) -> int:
+        """:meth:`jobs_done`, counted from the parts this store wrote (no query over every
+        stored part: what the collector asks after each flush).
+
+        Every stored part of a whole job (``parts = 1``) is a done job; only split parts
+        are grouped. That is :meth:`jobs_done` because a run's ``(job_id, part)`` is
+        stored once: a job whose part 0 is stored as a whole job has no split with a part
+        0, so no complete split too. A store that has not written the run counts by query.
+        A row written by another process is not seen here; :meth:`jobs_done`,
+        :meth:`done_jobs` and :meth:`results`, which decide a run's status, read the table.
+        """
+        stored = self._stored.get(run_id)
+        if stored is None:
+            return self.jobs_done(run_id)
+        if not stored.split:
+            return stored.whole
+        row = self.con.execute(
+            f"SELECT count(*) FROM (SELECT job_id FROM {self.layout(run_id).table} "
+            "WHERE run_id = ? AND parts > 1 GROUP BY job_id, parts "
+            "HAVING count(*) = parts AND count(DISTINCT part) = parts)",
+            [run_id],
+        ).fetchall()
+        return stored.whole + int(row[0][0])
+
     def jobs_done(self, run_id: str) -> int:
+        """How many jobs of the run have all their parts stored (see :meth:`_complete`)."""
         if run_id not in self._layouts:
             return 0
         layout = self.layout(run_id)

@@ -206,8 +206,9 @@ def encode_body(data: pa.Table | pa.RecordBatch, compression: Compression = "lz4
     return bytes(sink.getvalue())
 
 
-def decode_body(body: bytes, *, full: bool = True) -> pa.RecordBatch:
-    """The single record batch of ``body``; anything else is a :class:`DecodeError`."""
+def decode_body(body: bytes, *, full: bool = True, what: str = "body") -> pa.RecordBatch:
+    """The single record batch of ``body``; anything else is a :class:`DecodeError`
+    (naming the part of the message, ``what``, that it was)."""
     try:
         reader = pa.ipc.open_stream(pa.py_buffer(body))
         batch = reader.read_next_batch()
@@ -216,15 +217,15 @@ def decode_body(body: bytes, *, full: bool = True) -> pa.RecordBatch:
         except StopIteration:
             pass
         else:
-            raise DecodeError("the body holds more than one record batch")
+            raise DecodeError(f"the {what} holds more than one record batch")
         batch.validate(full=full)
         _ = batch.schema.names  # decoded from UTF-8 on access: damage shows here
     except StopIteration:
-        raise DecodeError("the body holds no record batch") from None
+        raise DecodeError(f"the {what} holds no record batch") from None
     except DecodeError:
         raise
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... on corrupt bytes
-        raise DecodeError(f"corrupt Arrow body: {exc}".splitlines()[0][:300]) from None
+        raise DecodeError(f"corrupt Arrow {what}: {exc}".splitlines()[0][:300]) from None
     return batch
 
 
@@ -354,20 +355,28 @@ def keys_table(
     return pa.Table.from_arrays(out, names=list(names))
 
 
-def key_lists(keys: pa.Table) -> tuple[list[str], list[str], list[tuple[KeyValue, ...]]]:
-    """A typed key table (one row per job) as names, types and Python tuples."""
-    names, types, columns = [], [], []
-    for field in keys.schema:
+def key_schema(keys: pa.Schema) -> tuple[list[str], list[str]]:
+    """The names and wire type names of a key table's columns (refusing other types)."""
+    names, types = [], []
+    for field in keys:
         type_name = str(field.type)
         if type_name not in KEY_TYPES:
             raise UsageError(
                 f"key column {field.name} has type {type_name}; keys may be {', '.join(KEY_TYPES)}"
             )
+        names.append(field.name)
+        types.append(type_name)
+    return names, types
+
+
+def key_lists(keys: pa.Table) -> tuple[list[str], list[str], list[tuple[KeyValue, ...]]]:
+    """A typed key table (one row per job) as names, types and Python tuples."""
+    names, types = key_schema(keys.schema)
+    columns = []
+    for field in keys.schema:
         column = keys.column(field.name)
         if pa.types.is_timestamp(field.type):
             column = column.cast(pa.int64())
-        names.append(field.name)
-        types.append(type_name)
         columns.append(column.to_pylist())
     if not columns:
         return names, types, [() for _ in range(keys.num_rows)]
@@ -432,7 +441,7 @@ def _id_lengths(ids: pa.Array) -> Int64Array:
     return np.diff(offsets).astype(np.int64)
 
 
-def _check_meta(index: pa.RecordBatch, ids: pa.Array, part: Int64Array, parts: Int64Array) -> None:
+def _check_meta(ids: pa.Array, part: Int64Array, parts: Int64Array) -> None:
     """The entries' ids and parts, checked at once; the first fault is named."""
     if ids.null_count:
         raise DecodeError("the index has a null job_id")
@@ -463,7 +472,7 @@ def _offsets(
             + ", ".join(f"{n} {t}" for n, t in expected)
         )
     part, parts = _ints(index.column(1), "part"), _ints(index.column(2), "parts")
-    _check_meta(index, index.column(0), part, parts)
+    _check_meta(index.column(0), part, parts)
     rows = _ints(index.column(3), "rows")
     if rows.size and int(rows.min()) < 1:
         i = int(np.flatnonzero(rows < 1)[0])
@@ -514,13 +523,6 @@ def _check_version(payload: bytes | memoryview, kind: str) -> None:
         raise DecodeError(f"a {probe.kind!r} message where {kind!r} was expected")
 
 
-def _decode_index(data: bytes, full: bool) -> pa.RecordBatch:
-    try:
-        return decode_body(data, full=full)
-    except DecodeError as exc:
-        raise DecodeError(str(exc).replace("body", "index")) from None
-
-
 def decode_jobs(
     payload: bytes, *, max_bytes: int = MAX_DECODE_BYTES, validate: bool = True
 ) -> JobMessage:
@@ -540,7 +542,7 @@ def decode_jobs(
     for name in env.key_types:
         if name not in KEY_TYPES:
             raise DecodeError(f"unknown key type {name!r}")
-    index = _decode_index(env.index, True)
+    index = decode_body(env.index, what="index")
     batch = decode_body(env.body, full=validate)
     offsets = _offsets(index, env.key_names, env.key_types, batch.num_rows)
     return JobMessage(
@@ -729,7 +731,7 @@ def decode_results(
         env = _results_decoder.decode(data)
     except Exception as exc:
         raise DecodeError(f"not a valid v{WIRE_VERSION} result message: {exc}") from None
-    index = _decode_index(env.index, True)
+    index = decode_body(env.index, what="index")
     if index.schema != RESULT_INDEX:
         raise DecodeError(f"the result index's columns are {index.schema.names}")
     batch = decode_body(env.body, full=validate)
@@ -740,7 +742,7 @@ def decode_results(
     if index.column(3).null_count:
         raise DecodeError("the index has a null state")
     part, parts = _ints(index.column(1), "part"), _ints(index.column(2), "parts")
-    _check_meta(index, index.column(0), part, parts)
+    _check_meta(index.column(0), part, parts)
     for e in env.failed:
         if not e.job_id or e.parts < 1 or not 0 <= e.part < e.parts:
             raise DecodeError(f"result {e.job_id!r}: invalid part {e.part} of {e.parts}")
@@ -1019,11 +1021,9 @@ def cut_jobs(
     smaller capacity, so part numbers stay consistent.
     """
     off = np.asarray(offsets, dtype=np.int64)
-    key_names, key_types, key_values = key_lists(keys)
-    if len(job_ids) != off.size - 1 or len(key_values) != off.size - 1:
-        raise UsageError(
-            f"{len(job_ids)} job ids and {len(key_values)} keys for {off.size - 1} jobs"
-        )
+    key_names, key_types = key_schema(keys.schema)
+    if len(job_ids) != off.size - 1 or keys.num_rows != off.size - 1:
+        raise UsageError(f"{len(job_ids)} job ids and {keys.num_rows} keys for {off.size - 1} jobs")
     table = table.combine_chunks()
     fixed = job_envelope_overhead(
         run_id=run_id,
