@@ -89,6 +89,31 @@ def test_from_numpy_and_back() -> None:
     assert np.isnan(arrays.to_numpy(with_nulls)[1])
 
 
+@given(
+    st.lists(st.none() | st.text(max_size=8), max_size=30),
+    st.sampled_from([pa.string(), pa.binary(), pa.large_string(), pa.large_binary()]),
+    st.integers(0, 30),
+    st.integers(0, 30),
+    st.integers(1, 3),
+)
+def test_byte_lengths_are_pyarrows_with_zero_for_null(
+    values: list[str | None], type_: pa.DataType, start: int, length: int, chunks: int
+) -> None:
+    import pyarrow.compute as pc
+
+    raw = [
+        v
+        if v is None or pa.types.is_unicode(type_) or pa.types.is_large_unicode(type_)
+        else v.encode()
+        for v in values
+    ]
+    column = pa.array(raw, type_).slice(start, length)
+    reference = pc.fill_null(pc.binary_length(column), 0).to_pylist()
+    assert arrays.byte_lengths(column).tolist() == reference
+    chunked = pa.chunked_array([column] * chunks, type_)
+    assert arrays.byte_lengths(chunked).tolist() == reference * chunks
+
+
 def test_empty_tables_and_batches_keep_the_schema() -> None:
     schema = pa.schema([("a", pa.string()), ("b", pa.int64())])
     assert arrays.empty_table(schema).schema == schema
@@ -137,3 +162,30 @@ def test_a_worker_imports_neither_pandas_nor_pyarrow_compute(tmp_path: Path) -> 
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+RUN = """
+import sys
+from dispatchkit.cli import main
+try:
+    rc = main(["run", sys.argv[1], "--out", sys.argv[2], "-q", "--workers", "1"])
+except SystemExit as exc:
+    rc = exc.code
+print(rc, sorted(m for m in ("pandas",) if m in sys.modules))
+"""
+
+
+def test_a_whole_run_imports_no_pandas_in_its_main_process(
+    small_parquet: Path, tmp_path: Path
+) -> None:
+    """Reading, cutting, storing and exporting a run: pandas (installed here, with the
+    benchmark's extra) is never imported by the dispatcher and collector's process."""
+    out = subprocess.run(
+        [sys.executable, "-c", RUN, str(small_parquet), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "0 []", out.stdout

@@ -141,6 +141,33 @@ def to_numpy(column: pa.Array | pa.ChunkedArray) -> npt.NDArray[Any]:
     return np.asarray(column.to_numpy(zero_copy_only=False))
 
 
+def byte_lengths(column: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.int64]:
+    """Bytes of each value of a string or binary column (large or not), 0 for a null;
+    read from its offsets (``pc.fill_null(pc.binary_length(c), 0)`` imports pandas)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = []
+    for chunk in chunks:
+        large = pa.types.is_large_string(chunk.type) or pa.types.is_large_binary(chunk.type)
+        dtype = np.int64 if large else np.int32
+        validity, offsets_buf = chunk.buffers()[:2]
+        n = len(chunk)
+        if n == 0 or offsets_buf is None:
+            parts.append(np.zeros(n, dtype=np.int64))
+            continue
+        offsets = np.frombuffer(
+            offsets_buf, dtype=dtype, count=n + 1, offset=chunk.offset * np.dtype(dtype).itemsize
+        )
+        lengths = np.diff(offsets).astype(np.int64)
+        if chunk.null_count and validity is not None:
+            bits = np.frombuffer(validity, dtype=np.uint8)
+            valid = np.unpackbits(bits, bitorder="little", count=chunk.offset + n)[chunk.offset :]
+            lengths *= valid
+        parts.append(lengths)
+    if not parts:
+        return np.zeros(0, dtype=np.int64)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def empty_batch(schema: pa.Schema) -> pa.RecordBatch:
     """A record batch of ``schema`` with no rows (``RecordBatch.from_pylist([])``)."""
     return pa.RecordBatch.from_arrays([pa.nulls(0, f.type) for f in schema], schema=schema)

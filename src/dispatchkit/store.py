@@ -428,7 +428,7 @@ class ResultStore:
                 self.con.execute(f"INSERT INTO {name} SELECT * FROM incoming")
         finally:
             self.con.unregister("incoming")
-        whole = int(np.count_nonzero(incoming.column("parts").to_numpy()[keep] == 1))
+        whole = int(np.count_nonzero(arrays.to_numpy(incoming.column("parts"))[keep] == 1))
         kept = int(keep.sum())
         return kept, fingerprints[keep], _Stored(whole, kept - whole)
 

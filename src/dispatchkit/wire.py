@@ -432,20 +432,11 @@ def _ints(column: pa.Array, what: str) -> Int64Array:
     return arrays.to_numpy(column).astype(np.int64)
 
 
-def _id_lengths(ids: pa.Array) -> Int64Array:
-    """Byte length of each value of a string array, from its offsets buffer."""
-    buf = ids.buffers()[1]
-    if buf is None or len(ids) == 0:
-        return np.zeros(0, dtype=np.int64)
-    offsets = np.frombuffer(buf, dtype=np.int32, count=len(ids) + 1, offset=ids.offset * 4)
-    return np.diff(offsets).astype(np.int64)
-
-
 def _check_meta(ids: pa.Array, part: Int64Array, parts: Int64Array) -> None:
     """The entries' ids and parts, checked at once; the first fault is named."""
     if ids.null_count:
         raise DecodeError("the index has a null job_id")
-    empty = _id_lengths(ids) < 1
+    empty = arrays.byte_lengths(ids) < 1
     bad = (parts < 1) | (part < 0) | (part >= parts)
     if empty.any() or bad.any():
         i = int(np.flatnonzero(empty | bad)[0])
@@ -780,8 +771,6 @@ def _buffer_overhead(compression: Compression, budget: int | None) -> int:
 
 def row_bytes(table: pa.Table | pa.RecordBatch) -> npt.NDArray[np.float64]:
     """An upper bound of each row's uncompressed body bytes, vectorized over columns."""
-    import pyarrow.compute as pc
-
     n = table.num_rows
     cost = np.zeros(n, dtype=np.float64)
     for column in table.columns:
@@ -790,11 +779,9 @@ def row_bytes(table: pa.Table | pa.RecordBatch) -> npt.NDArray[np.float64]:
         if pa.types.is_boolean(t):
             cost += 0.125
         elif pa.types.is_string(t) or pa.types.is_binary(t):
-            lengths = pc.fill_null(pc.binary_length(column), 0)
-            cost += 4 + arrays.to_numpy(lengths).astype(np.float64)
+            cost += 4 + arrays.byte_lengths(column).astype(np.float64)
         elif pa.types.is_large_string(t) or pa.types.is_large_binary(t):
-            lengths = pc.fill_null(pc.binary_length(column), 0)
-            cost += 8 + arrays.to_numpy(lengths).astype(np.float64)
+            cost += 8 + arrays.byte_lengths(column).astype(np.float64)
         elif _fixed(t):
             cost += t.bit_width / 8
         else:  # nested or other: the column's average, a bound only on average
@@ -826,7 +813,7 @@ def index_schema(keys: pa.Schema) -> pa.Schema:
 def entry_costs(job_ids: pa.Array, keys: pa.Table | pa.RecordBatch) -> npt.NDArray[np.float64]:
     """An upper bound of each entry's index bytes (uncompressed), vectorized over jobs."""
     # job_id: a 4-byte offset and its bytes; part, parts, rows: 4 bytes; a validity bit each.
-    return _id_lengths(job_ids) + (4 + 12 + 0.5) + row_bytes(keys)
+    return arrays.byte_lengths(job_ids) + (4 + 12 + 0.5) + row_bytes(keys)
 
 
 def job_envelope_overhead(
