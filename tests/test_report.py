@@ -11,6 +11,8 @@ import matplotlib.image as mpimg
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dispatchkit.apps.covid.chart import (
     DEFAULT_TITLE,
@@ -428,3 +430,32 @@ def test_plot_benchmark_rejects_text_numbers(tmp_path: Path) -> None:
 def test_plot_benchmark_refuses_no_rows(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no benchmark rows"):
         plot_benchmark([], tmp_path / "b.png", title="t")
+
+
+@given(
+    st.lists(
+        st.one_of(st.none(), st.tuples(st.floats(0, 0.5), st.floats(0, 0.5))),
+        min_size=1,
+        max_size=40,
+    )
+)
+@settings(max_examples=60, deadline=None)
+def test_the_band_is_fill_betweens_polygons(days: list[tuple[float, float] | None]) -> None:
+    """The chart's band (NumPy slices) draws what ``fill_between`` would: the same
+    polygons, one per run of days with values, whatever the gaps."""
+    from matplotlib.figure import Figure
+
+    from dispatchkit.apps.covid import chart
+
+    x = np.arange(len(days), dtype=np.float64) + 18_000.0
+    low = np.array([np.nan if d is None else min(d) for d in days])
+    high = np.array([np.nan if d is None else max(d) for d in days])
+    ax = Figure().subplots()
+    expected = ax.fill_between(x, low, high, color=chart._BAND, alpha=0.55, linewidth=0)
+    chart._band(ax, x, low, high)
+    got = ax.collections[-1]
+    assert len(got.get_paths()) == len(expected.get_paths())
+    for a, b in zip(got.get_paths(), expected.get_paths(), strict=True):
+        np.testing.assert_array_equal(a.vertices, b.vertices)
+    np.testing.assert_array_equal(got.get_facecolor(), expected.get_facecolor())
+    np.testing.assert_array_equal(got.get_edgecolor(), expected.get_edgecolor())
