@@ -372,9 +372,11 @@ def _style_panel(ax: Axes, ticks: Ticks, *, dates: bool, percents: bool) -> None
     ax.hlines(ys, 0, 1, transform=ax.get_yaxis_transform(), colors=_GRID, lw=0.7, zorder=0.5)
     # Only an axis that shows labels has ticks (the others have a NullLocator): styling
     # the others' would make and restyle ticks that are never drawn.
-    for name, shown in (("x", dates), ("y", percents)):
-        if shown:
-            ax.tick_params(axis=name, labelsize=8, length=2.5, color="#999999")
+    style = {"labelsize": 8, "length": 2.5, "color": "#999999"}
+    if dates:
+        ax.tick_params(axis="x", **style)
+    if percents:
+        ax.tick_params(axis="y", **style)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     for side in ("left", "bottom"):
