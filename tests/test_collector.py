@@ -30,6 +30,7 @@ from dispatchkit.kafka_run import collect, dispatch
 from dispatchkit.runner import STORE_NAME, RunSpec, RunSummary
 
 from .fault_helpers import (
+    SMALL_MESSAGES,
     Fleet,
     assert_run_exact,
     make_input,
@@ -86,7 +87,11 @@ def stored_positions(out: Path, run_id: str) -> dict[int, int]:
 
 
 def dispatched(data: Path, out: Path, run_id: str, settings: KafkaSettings) -> RunSummary:
-    return dispatch(RunSpec(input=str(data), out=out, run_id=run_id, report=False), settings)
+    # Small messages (~300 for this input, instead of 9): a collector dies mid-run.
+    spec = RunSpec(
+        input=str(data), out=out, run_id=run_id, report=False, max_message_bytes=SMALL_MESSAGES
+    )
+    return dispatch(spec, settings)
 
 
 # -- the store owns the collector's positions ---------------------------------------------

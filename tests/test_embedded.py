@@ -17,6 +17,7 @@ from dispatchkit.store import ResultStore
 from dispatchkit.worker import RetryPolicy
 
 from .conftest import assert_exact, reference
+from .fault_helpers import SMALL_MESSAGES
 
 
 def test_run_is_exact_and_writes_every_file(small_parquet: Path, tmp_path: Path) -> None:
@@ -96,7 +97,11 @@ def test_a_killed_worker_is_replaced_and_its_jobs_redone(
 
     EmbeddedBroker.publish = publish  # type: ignore[method-assign]
     try:
-        summary = run_embedded(RunSpec(input=str(small_parquet), out=tmp_path, workers=2))
+        # Small messages (hundreds, instead of about 30), so that the kill lands mid-run.
+        spec = RunSpec(
+            input=str(small_parquet), out=tmp_path, workers=2, max_message_bytes=SMALL_MESSAGES
+        )
+        summary = run_embedded(spec)
     finally:
         EmbeddedBroker.publish = original  # type: ignore[method-assign]
     assert killed, "the test did not kill a worker"

@@ -37,6 +37,7 @@ from dispatchkit.runner import RunSpec, RunSummary, run_embedded
 
 from .conftest import reference
 from .fault_helpers import (
+    SMALL_MESSAGES,
     Fleet,
     OwnKafka,
     assert_run_exact,
@@ -120,7 +121,11 @@ ProgressHook = Callable[[int, int], None]
 
 
 def dispatch_quiet(data: Path, out: Path, run_id: str, settings: KafkaSettings) -> RunSummary:
-    return dispatch(RunSpec(input=str(data), out=out, run_id=run_id, report=False), settings)
+    # Small messages (~300 for this input, instead of 9): the faults land mid-run.
+    spec = RunSpec(
+        input=str(data), out=out, run_id=run_id, report=False, max_message_bytes=SMALL_MESSAGES
+    )
+    return dispatch(spec, settings)
 
 
 def collect_with(

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import dispatchkit as dk
+import dispatchkit.reader as reader_module
 from dispatchkit.errors import BadRowError, InputError, UsageError
 from dispatchkit.reader import NBUCKETS, InputReader, bucket_count, key_bucket
 
@@ -327,8 +328,12 @@ def test_largest_job_over_the_read_columns(
 
 
 def test_sorted_rows_are_typed_bucketed_and_contiguous(
-    inputs: dict[str, tuple[Path, list[Any], bool]], tmp_path: Path
+    inputs: dict[str, tuple[Path, list[Any], bool]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Small buckets, so that this small input has more than one.
+    monkeypatch.setattr(reader_module, "JOBS_PER_BUCKET", 32)
     frames = {}
     for fmt, (path, rows, text) in inputs.items():
         _, good = reference(rows, text)
@@ -375,7 +380,7 @@ def test_sorted_rows_are_typed_bucketed_and_contiguous(
     shared = a.join(b, on=["store", "day"], suffix="_b")
     assert shared.height > 40
     assert shared["bucket"].equals(shared["bucket_b"], check_names=False)
-    # About 32 jobs a bucket: this input's ~60 jobs use both of its 2 buckets.
+    # About 32 jobs a bucket (as patched): this input's ~60 jobs use both of its 2 buckets.
     assert frames["parquet"]["bucket"].n_unique() == 2
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing as mp
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import polars as pl
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dispatchkit.apps.covid.chart import (
@@ -445,7 +446,7 @@ def test_the_band_is_fill_betweens_polygons(days: list[tuple[float, float] | Non
     polygons, one per run of days with values, whatever the gaps."""
     from matplotlib.figure import Figure
 
-    from dispatchkit.apps.covid import chart
+    import dispatchkit.apps.covid.chart as chart
 
     x = np.arange(len(days), dtype=np.float64) + 18_000.0
     low = np.array([np.nan if d is None else min(d) for d in days])
@@ -459,3 +460,108 @@ def test_the_band_is_fill_betweens_polygons(days: list[tuple[float, float] | Non
         np.testing.assert_array_equal(a.vertices, b.vertices)
     np.testing.assert_array_equal(got.get_facecolor(), expected.get_facecolor())
     np.testing.assert_array_equal(got.get_edgecolor(), expected.get_edgecolor())
+
+
+# --- drawn in two processes -----------------------------------------------------------
+
+
+@pytest.fixture
+def twin(monkeypatch: pytest.MonkeyPatch) -> Iterator[Executor]:
+    """A chart twin as a run's chart process has one: a fork of this process."""
+    from dispatchkit import charting
+
+    pool = ProcessPoolExecutor(1, mp_context=mp.get_context("fork"))
+    pool.submit(int).result()
+    helper = charting._Twin(pool)
+    monkeypatch.setattr(charting, "_twin", helper)
+    yield helper
+    helper.shutdown()
+
+
+def gappy_results(n_countries: int, days: int, drop: float, seed: int) -> pl.DataFrame:
+    """``wavy_results`` with a share ``drop`` of its days left out, country by country."""
+    results = wavy_results(n_countries, days=days, seed=seed)
+    rng = np.random.default_rng(seed)
+    gone = {(c, d) for c in range(n_countries) for d in range(days) if rng.random() < drop}
+    keep = [
+        (int(name[-2:]), (stamp - START).days) not in gone
+        for name, stamp in zip(results["country"], results["date_hour"], strict=True)
+    ]
+    return results.filter(pl.Series(keep))
+
+
+@given(
+    n_countries=st.integers(2, 31),
+    days=st.integers(1, 60),
+    drop=st.sampled_from([0.0, 0.3, 0.8]),
+    seed=st.integers(0, 2**16),
+)
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_a_chart_drawn_in_halves_is_the_chart_drawn_whole(
+    twin: Executor, n_countries: int, days: int, drop: float, seed: int
+) -> None:
+    """The header and upper rows drawn here, the lower rows in the twin: the very pixels
+    one process draws, for any count of countries, any span and any gaps."""
+    import dispatchkit.apps.covid.chart as chart
+
+    results = gappy_results(n_countries, days, drop, seed)
+    if results.height == 0:
+        return
+    plan = chart._plan(results, None)
+    whole = chart._draw(plan, range(len(plan.panels)), header=True)
+    if plan.nrows < 2:  # one row: nothing to split, plot_report draws it whole
+        return
+    halves = chart._draw_halves(plan, twin)
+    assert halves is not None, "the halves met: drawn whole"
+    assert halves.shape == whole.shape
+    assert int((halves != whole).any(axis=2).sum()) == 0
+
+
+def test_plot_report_draws_the_lower_rows_in_the_twin(
+    twin: Executor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dispatchkit.apps.covid.chart as chart
+
+    results = wavy_results(20, days=50)
+    calls: list[int] = []
+    real = chart._draw_halves
+
+    def spy(plan: object, helper: Executor) -> object:
+        out = real(plan, helper)  # type: ignore[arg-type]
+        calls.append(0 if out is None else 1)
+        return out
+
+    monkeypatch.setattr(chart, "_draw_halves", spy)
+    split = plot_report(results, tmp_path / "split.png")
+    monkeypatch.setattr(chart.charting, "_twin", None)
+    whole = plot_report(results, tmp_path / "whole.png")
+
+    assert calls == [1]  # drawn in halves, then once in one process
+    assert split.read_bytes() == whole.read_bytes()
+
+
+def test_halves_that_would_meet_are_drawn_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No gap between the rows of panels: the lower titles would be drawn over the upper
+    panels, so the halves are refused and the chart is drawn in one process."""
+    import dispatchkit.apps.covid.chart as chart
+    from dispatchkit import charting
+
+    monkeypatch.setattr(chart, "_GAP_H", 0.0)  # before the twin is forked: it has it too
+    pool = ProcessPoolExecutor(1, mp_context=mp.get_context("fork"))
+    pool.submit(int).result()
+    helper = charting._Twin(pool)
+    try:
+        results = wavy_results(8, days=30)
+        plan = chart._plan(results, None)
+        assert chart._draw_halves(plan, helper) is None
+        monkeypatch.setattr(charting, "_twin", helper)
+        split = plot_report(results, tmp_path / "split.png")
+        monkeypatch.setattr(charting, "_twin", None)
+        whole = plot_report(results, tmp_path / "whole.png")
+    finally:
+        helper.shutdown()
+    assert split.read_bytes() == whole.read_bytes()

@@ -7,9 +7,12 @@ input is read and the jobs run, on a core the run leaves idle. At the end the re
 table is handed over, and the chart is drawn while this process writes the CSV export.
 
 The chart is the app's ``@app.chart`` function, called with the same table as in this
-process; an INCOMPLETE banner is added the same way. If the chart process cannot be
-started or dies, the chart is drawn here instead: the process is a speed-up, never a
-new way to fail. An error of the chart function itself is one line naming the app.
+process; an INCOMPLETE banner is added the same way. In the chart process, :func:`twin`
+is a second process, forked from it once warmed up, that the chart function may hand
+part of its drawing to (the COVID chart draws its lower rows of panels there). If the
+chart process cannot be started or dies, the chart is drawn here instead: the process
+is a speed-up, never a new way to fail. An error of the chart function itself is one
+line naming the app.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ from __future__ import annotations
 import gc
 import importlib
 import logging
+import multiprocessing as mp
+import os
 import threading
-from collections.abc import Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import util as mp_util
 from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
 import pyarrow as pa
 
@@ -35,6 +42,10 @@ log = logging.getLogger(__name__)
 CHART_PRELOAD = ("matplotlib.figure", "matplotlib.backends.backend_agg")
 
 _app: App | None = None  # the chart process's app
+_twin: _Twin | None = None  # the chart process's twin
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class ChartProcess:
@@ -145,6 +156,62 @@ def _warm(spec: str | None, preload: Sequence[str], origin: procs.Origin) -> Non
         except ImportError as exc:  # the chart itself will say what is missing
             log.debug("chart preload %s: %s", name, exc)
     gc.freeze()  # what is imported stays: no collection walks it again
+    _start_twin()
+
+
+def twin() -> Executor | None:
+    """In a run's chart process: an executor of one process, a fork of this one made when
+    its imports were done, that a chart function may give part of its drawing to (what
+    it is given is pickled: plain data and module-level functions). None in any other
+    process, where a chart is drawn by one process."""
+    return _twin
+
+
+class _Twin(Executor):
+    """The chart process's twin: calls run there without garbage collection (see _draw)."""
+
+    def __init__(self, pool: ProcessPoolExecutor) -> None:
+        self._pool = pool
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        return self._pool.submit(_without_gc, fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def _start_twin() -> None:
+    """Fork the twin now, while this process has drawn nothing (no thread of its own)."""
+    global _twin
+    if "fork" not in mp.get_all_start_methods():
+        return
+    try:
+        pool = ProcessPoolExecutor(
+            1, mp_context=mp.get_context("fork"), initializer=_enter_twin, initargs=(os.getpid(),)
+        )
+        pool.submit(_ready)  # forked here, before the pool's thread starts
+    except Exception as exc:  # the chart is drawn by this process alone
+        log.debug("no chart twin (%s)", exc)
+        return
+    _twin = _Twin(pool)
+    # At this process's exit, before multiprocessing joins its children: and before the
+    # pool's queue closes its feeder thread (a finalizer of priority 10), which must
+    # still be there to send the twin its stop.
+    mp_util.Finalize(None, _twin.shutdown, kwargs={"cancel_futures": True}, exitpriority=100)
+
+
+def _enter_twin(parent: int) -> None:
+    global _twin
+    _twin = None  # the twin's own copy of the chart process's
+    procs.die_with_parent(parent)
+
+
+def _without_gc(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    gc.disable()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        gc.enable()
 
 
 def _ready() -> None:

@@ -81,8 +81,10 @@ GLOB_CHARS = "*?["
 #: A power of two (the SQL takes the hash's low bits).
 NBUCKETS: Final = 256
 assert NBUCKETS & (NBUCKETS - 1) == 0
-#: Jobs a bucket aims at, so that small runs are not cut into a message per job.
-JOBS_PER_BUCKET: Final = 32
+#: Jobs a bucket aims at. A message costs about a millisecond from the dispatcher to the
+#: store whatever it holds, so a small run gets few (20,000 one-row jobs: 32 buckets);
+#: from 262,144 jobs on a run has all NBUCKETS, to spread over partitions and workers.
+JOBS_PER_BUCKET: Final = 1024
 
 
 def bucket_count(jobs: int) -> int:

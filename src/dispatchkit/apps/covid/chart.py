@@ -19,9 +19,14 @@ written to a temporary name and renamed, so a reader never sees half a PNG.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Final
 
 import matplotlib.dates as mdates
 import numpy as np
@@ -42,6 +47,7 @@ from matplotlib.ticker import (
     PercentFormatter,
 )
 
+from dispatchkit import charting
 from dispatchkit.apps.covid.stats import wilson_arrays
 
 __all__ = [
@@ -116,7 +122,48 @@ def plot_report(results: pl.DataFrame, path: Path, *, title: str | None = None) 
     One panel per country (alphabetical), all on the same date and percent axes: the line
     is the daily rate, the shaded band its 95% Wilson interval, and the thin grey line
     the rate of all countries pooled, for comparison. Returns ``path``.
+
+    In a run's chart process the lower rows of panels are drawn by its twin
+    (:func:`dispatchkit.charting.twin`) while this process draws the header and the upper
+    rows; the two images meet in the white gap between two rows of panels, so the PNG is
+    the very one a single process draws (which it does when there is no twin, one row,
+    or the halves would touch).
     """
+    plan = _plan(results, title)
+    twin = charting.twin() if plan.nrows > 1 else None
+    image = _draw_halves(plan, twin) if twin is not None else None
+    if image is None:
+        image = _draw(plan, range(len(plan.panels)), header=True)
+    return _save_rgba(image, path)
+
+
+@dataclass(frozen=True)
+class _Panel:
+    """One country's panel: its title, overall rate and daily values on the day axis."""
+
+    name: str
+    overall: float
+    rate: npt.NDArray[np.float64]
+    low: npt.NDArray[np.float64]
+    high: npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything drawn, computed once (and sent to the twin): plain arrays and text."""
+
+    nrows: int
+    ncols: int
+    x: npt.NDArray[np.float64]
+    xlim: tuple[float, float]
+    ylim: tuple[float, float]
+    pooled_rate: npt.NDArray[np.float64] | None
+    panels: list[_Panel]
+    title: str
+    subtitle: str
+
+
+def _plan(results: pl.DataFrame, title: str | None) -> _Plan:
     daily = daily_rates(results)
     if daily.height == 0:
         raise ValueError("the results table has no tests to plot")
@@ -134,49 +181,147 @@ def plot_report(results: pl.DataFrame, path: Path, *, title: str | None = None) 
     pooled = daily.group_by("date").agg(pl.col("tests").sum(), pl.col("positives").sum())
     pooled_rate = _on_days(pooled, first, n_days, pl.col("positives") / pl.col("tests"))
 
+    panels = []
+    for one in daily.partition_by("country", maintain_order=True):
+        panels.append(
+            _Panel(
+                name=str(one["country"][0]),
+                overall=int(one["positives"].sum()) / int(one["tests"].sum()),
+                rate=_on_days(one, first, n_days, pl.col("positive_rate")),
+                low=_on_days(one, first, n_days, pl.col("ci_low")),
+                high=_on_days(one, first, n_days, pl.col("ci_high")),
+            )
+        )
+    assert [p.name for p in panels] == countries
     nrows, ncols = _grid(len(countries))
-    fig, axes = _panel_figure(nrows, ncols)
-    xlim, ylim = (x[0] - 0.5, x[-1] + 0.5), (0.0, _y_top(daily))
-    ticks = _ticks(axes[0], xlim, ylim)
-
-    for i, country in enumerate(countries):
-        ax = axes[i]
-        ax.set_xlim(*xlim)
-        ax.set_ylim(*ylim)
-        one = daily.filter(pl.col("country") == country)
-        rate = _on_days(one, first, n_days, pl.col("positive_rate"))
-        low = _on_days(one, first, n_days, pl.col("ci_low"))
-        high = _on_days(one, first, n_days, pl.col("ci_high"))
-        if len(countries) > 1:
-            ax.plot(x, pooled_rate, color=_POOLED, linewidth=0.8, zorder=2)
-        _band(ax, x, low, high)
-        ax.plot(x, rate, color=_LINE, linewidth=1.1, zorder=3)
-        # A day between two days without tests has no segment to draw: mark it instead.
-        alone = _isolated(rate)
-        if alone.any():
-            ax.vlines(x[alone], low[alone], high[alone], color=_BAND, alpha=0.55, lw=2.5, zorder=1)
-            ax.plot(x[alone], rate[alone], "o", color=_LINE, markersize=2.5, zorder=3)
-        overall = int(one["positives"].sum()) / int(one["tests"].sum())
-        # y given: matplotlib then skips placing titles above top tick labels (there are
-        # none), a third of the drawing time of twenty panels.
-        ax.set_title(_short(country), loc="left", fontsize=10, fontweight="bold", pad=3, y=1.0)
-        ax.set_title(f"{overall:.1%} overall", loc="right", fontsize=8, color=_MUTED, pad=3, y=1.0)
-        # Dates under the lowest panel of each column, percentages left of each row.
-        _style_panel(ax, ticks, dates=i + ncols >= len(countries), percents=i % ncols == 0)
-
-    for j in range(len(countries), nrows * ncols):
-        axes[j].set_visible(False)
-
     total = int(daily["tests"].sum())
     span = f"{first:%d %b %Y} – {last:%d %b %Y}" if n_days > 1 else f"{first:%d %b %Y}"
     places = "country" if len(countries) == 1 else "countries"
-    _header(
-        fig,
-        title if title is not None else DEFAULT_TITLE,
-        f"{total:,} tests in {len(countries)} {places}, {span} (UTC days)",
-        pooled=len(countries) > 1,
+    return _Plan(
+        nrows=nrows,
+        ncols=ncols,
+        x=x,
+        xlim=(x[0] - 0.5, x[-1] + 0.5),
+        ylim=(0.0, _y_top(daily)),
+        pooled_rate=pooled_rate if len(countries) > 1 else None,
+        panels=panels,
+        title=title if title is not None else DEFAULT_TITLE,
+        subtitle=f"{total:,} tests in {len(countries)} {places}, {span} (UTC days)",
     )
-    return save_png(fig, path)
+
+
+def _draw(plan: _Plan, which: Sequence[int], *, header: bool) -> npt.NDArray[np.uint8]:
+    """The whole figure's pixels with the panels ``which`` (and the header)."""
+    fig, axes = _panel_figure(plan.nrows, plan.ncols, which)
+    ticks = _ticks(axes[0], plan.xlim, plan.ylim)
+    pixels, _ = _render(plan, fig, axes, which, ticks, header=header)
+    return pixels
+
+
+def _render(
+    plan: _Plan,
+    fig: Figure,
+    axes: Sequence[Axes],
+    which: Sequence[int],
+    ticks: Ticks,
+    *,
+    header: bool,
+) -> tuple[npt.NDArray[np.uint8], int]:
+    """Draw the panels ``which`` on their ``axes`` (and the header): the figure's pixels
+    (RGBA, top row first; white where nothing is drawn) and the pixel row of the
+    highest axes' top edge."""
+    for i, ax in zip(which, axes, strict=True):
+        _draw_panel(plan, i, ax, ticks)
+    if header:
+        _header(fig, plan.title, plan.subtitle, pooled=plan.pooled_rate is not None)
+    canvas = fig.canvas
+    assert isinstance(canvas, FigureCanvasAgg)
+    canvas.draw()  # type: ignore[no-untyped-call]
+    pixels = np.asarray(canvas.buffer_rgba())  # type: ignore[no-untyped-call]
+    top = max(ax.get_window_extent().y1 for ax in axes)  # display units: up from the bottom
+    return pixels, max(0, math.floor(pixels.shape[0] - top) - 1)
+
+
+def _draw_panel(plan: _Plan, i: int, ax: Axes, ticks: Ticks) -> None:
+    panel, x, n = plan.panels[i], plan.x, len(plan.panels)
+    ax.set_xlim(*plan.xlim)
+    ax.set_ylim(*plan.ylim)
+    rate, low, high = panel.rate, panel.low, panel.high
+    if plan.pooled_rate is not None:
+        ax.plot(x, plan.pooled_rate, color=_POOLED, linewidth=0.8, zorder=2)
+    _band(ax, x, low, high)
+    ax.plot(x, rate, color=_LINE, linewidth=1.1, zorder=3)
+    # A day between two days without tests has no segment to draw: mark it instead.
+    alone = _isolated(rate)
+    if alone.any():
+        ax.vlines(x[alone], low[alone], high[alone], color=_BAND, alpha=0.55, lw=2.5, zorder=1)
+        ax.plot(x[alone], rate[alone], "o", color=_LINE, markersize=2.5, zorder=3)
+    # y given: matplotlib then skips placing titles above top tick labels (there are
+    # none), a third of the drawing time of twenty panels.
+    ax.set_title(_short(panel.name), loc="left", fontsize=10, fontweight="bold", pad=3, y=1.0)
+    ax.set_title(
+        f"{panel.overall:.1%} overall", loc="right", fontsize=8, color=_MUTED, pad=3, y=1.0
+    )
+    # Dates under the lowest panel of each column, percentages left of each row.
+    _style_panel(ax, ticks, dates=i + plan.ncols >= n, percents=i % plan.ncols == 0)
+
+
+def _draw_halves(plan: _Plan, twin: Executor) -> npt.NDArray[np.uint8] | None:
+    """The figure drawn in two processes: the header and upper rows here, the lower rows
+    in ``twin``; None when the two halves' pixels would meet (then one process draws).
+
+    The lower half's pixels come back through a file in memory (``/dev/shm``): a few
+    megabytes through the executor's pipe take a third as long as drawing them.
+    """
+    split = (plan.nrows + 1) // 2 * plan.ncols  # the first panel of the lower half
+    upper, lower = range(split), range(split, len(plan.panels))
+    fig, axes = _panel_figure(plan.nrows, plan.ncols, upper)
+    ticks = _ticks(axes[0], plan.xlim, plan.ylim)
+    with tempfile.NamedTemporaryFile(dir=_scratch_dir(), prefix="dk-chart-") as scratch:
+        below = twin.submit(_draw_lower, plan, lower, ticks, scratch.name)
+        top, _ = _render(plan, fig, axes, upper, ticks, header=True)
+        first = below.result()
+        pixels = np.fromfile(scratch.name, dtype=np.uint8)
+    rows, width = top.shape[:2]
+    if pixels.size != (rows - first) * width * 4:
+        raise RuntimeError("the chart's twin drew a figure of another size")
+    # From row ``first`` down the image is the lower half's: white above it there, so
+    # nothing of the upper half may reach it.
+    if _drawn_rows(top[first:]).any():
+        return None
+    image = top.copy()
+    image[first:] = pixels.reshape(rows - first, width, 4)
+    return image
+
+
+def _draw_lower(plan: _Plan, which: Sequence[int], ticks: Ticks, scratch: str) -> int:
+    """In the twin: draw the lower panels and write their pixels to ``scratch`` from the
+    first row they touch, whose index is returned: the first non-white row, or the row of
+    their axes' top edge if higher (an axes' white face would cover what is under it)."""
+    fig, axes = _panel_figure(plan.nrows, plan.ncols, which)
+    pixels, axes_top = _render(plan, fig, axes, which, ticks, header=False)
+    drawn = np.flatnonzero(_drawn_rows(pixels[:axes_top]))
+    first = int(drawn[0]) if drawn.size else axes_top
+    np.ascontiguousarray(pixels[first:]).tofile(scratch)
+    return first
+
+
+def _scratch_dir() -> str | None:
+    """Where a file is only memory: ``/dev/shm`` if there is one, else the temp dir."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+def _drawn_rows(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+    """Which rows of an RGBA image hold a pixel that is not opaque white."""
+    rows, width = pixels.shape[:2]
+    words = np.ascontiguousarray(pixels).view(np.uint32).reshape(rows, width)
+    drawn: npt.NDArray[np.bool_] = (words != _WHITE).any(axis=1)
+    return drawn
+
+
+#: An opaque white RGBA pixel read as one 32-bit word.
+_WHITE: Final = 0xFFFFFFFF
 
 
 def plot_report_file(results_path: Path, out: Path, *, title: str | None = None) -> Path:
@@ -302,8 +447,9 @@ def _y_top(daily: pl.DataFrame) -> float:
     return min(1.0, top * 1.08) if top > 0 else 0.01
 
 
-def _panel_figure(nrows: int, ncols: int) -> tuple[Figure, list[Axes]]:
-    """A figure of ``nrows`` × ``ncols`` panels, laid out in inches.
+def _panel_figure(nrows: int, ncols: int, which: Sequence[int]) -> tuple[Figure, list[Axes]]:
+    """A figure laid out for ``nrows`` × ``ncols`` panels, in inches, with the axes of
+    the panels ``which`` (row by row from the top left).
 
     Fixed margins instead of constrained layout: the header needs a known place, and
     the layout solver costs more than drawing twenty panels. Few panels are widened
@@ -319,8 +465,9 @@ def _panel_figure(nrows: int, ncols: int) -> tuple[Figure, list[Axes]]:
     height = _MARGIN_TOP + nrows * panel_h + (nrows - 1) * _GAP_H + _MARGIN_BOTTOM
     fig = Figure(figsize=(width, height), dpi=_DPI)
     FigureCanvasAgg(fig)
-    grid = fig.subplots(nrows, ncols, squeeze=False)
-    fig.subplots_adjust(
+    grid = fig.add_gridspec(
+        nrows,
+        ncols,
         left=_MARGIN_LEFT / width,
         right=1 - _MARGIN_RIGHT / width,
         bottom=_MARGIN_BOTTOM / height,
@@ -328,7 +475,7 @@ def _panel_figure(nrows: int, ncols: int) -> tuple[Figure, list[Axes]]:
         wspace=_GAP_W / panel_w,
         hspace=_GAP_H / panel_h,
     )
-    axes = [ax for row in grid for ax in row]
+    axes = [fig.add_subplot(grid[divmod(i, ncols)]) for i in which]
     for ax in axes:  # the limits are set once for all; no autoscaling per artist
         ax.set_autoscale_on(False)
     return fig, axes
@@ -465,6 +612,19 @@ def _read_results(path: Path) -> pl.DataFrame:
             ) from exc
     _check_results(results, where)
     return results
+
+
+def _save_rgba(pixels: npt.NDArray[np.uint8], path: Path) -> Path:
+    """Write a figure's pixels as PNG to ``path`` as :func:`save_png` writes the figure."""
+    from matplotlib.image import imsave
+
+    from dispatchkit.outdir import atomic_path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        imsave(fh, pixels, format="png", origin="upper", dpi=_DPI, pil_kwargs=dict(PNG_OPTIONS))
+    return path
 
 
 def save_png(fig: Figure, path: Path) -> Path:
