@@ -565,3 +565,22 @@ def test_halves_that_would_meet_are_drawn_whole(
     finally:
         helper.shutdown()
     assert split.read_bytes() == whole.read_bytes()
+
+
+def test_a_dead_twin_leaves_the_chart_to_this_process(
+    twin: Executor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The twin killed (kill -9) before the chart: drawn in one process, same bytes."""
+    import os
+    import signal
+
+    from dispatchkit import charting
+
+    pool = twin._pool  # type: ignore[attr-defined]
+    (pid,) = pool._processes
+    os.kill(pid, signal.SIGKILL)
+    results = wavy_results(12, days=30)
+    split = plot_report(results, tmp_path / "split.png")
+    monkeypatch.setattr(charting, "_twin", None)
+    whole = plot_report(results, tmp_path / "whole.png")
+    assert split.read_bytes() == whole.read_bytes()
