@@ -223,3 +223,37 @@ def test_the_memory_growth_target_compares_the_two_largest_scales() -> None:
     assert growth["met"] is False and growth["measured"].startswith("1.54×")
     judged = goals.memory([row(20_000_000, 500.0)])
     assert next(e for e in judged if e["target"] == goals.GROWTH)["met"] is None
+    assert next(e for e in judged if e["target"] == goals.TIME_PER_ROW)["met"] is None
+
+
+def test_time_per_row_falls_back_to_the_smallest_memory_scale() -> None:
+    from dispatchkit.bench import goals
+
+    def row(section: str, rows: int, seconds: float) -> dict[str, object]:
+        return {
+            "section": section,
+            "key": "embedded-2" if section == "main" else f"embedded-2-{rows}",
+            "variant": "embedded ×2",
+            "workers": 2,
+            "rows": rows,
+            "peak_rss_max_mb": 500.0,
+            "wall_median_s": seconds,
+        }
+
+    def judged(rows: list[dict[str, object]]) -> dict[str, object]:
+        return next(e for e in goals.memory(rows) if e["target"] == goals.TIME_PER_ROW)
+
+    # No main section: 100M rows in 100 s (1,000 ns/row) against 2M rows in 3.5 s (1,750).
+    alone = judged([row("memory", 2_000_000, 3.5), row("memory", 100_000_000, 100.0)])
+    assert alone["met"] is True and "1,000 ns/row at 100,000,000 vs 1,750 at 2,000,000" in str(
+        alone["measured"]
+    )
+    # The main section's run, when there is one, is the reference (here 400 ns/row).
+    with_main = judged(
+        [
+            row("main", 2_000_000, 0.8),
+            row("memory", 2_000_000, 3.5),
+            row("memory", 100_000_000, 100.0),
+        ]
+    )
+    assert with_main["met"] is False and str(with_main["measured"]).startswith("2.50×")
