@@ -151,10 +151,28 @@ def test_an_incomplete_run_names_what_is_missing_in_summary_and_chart(
     assert redrawn.returncode == 0, redrawn.stderr
     assert f"INCOMPLETE: {swedish:,} of {ref.height:,} jobs missing" in redrawn.stdout
     assert banner(tmp_path / "re.png")
+    # From the CSV too: the results.parquet written beside it says for it.
+    from_csv = cli("report", str(out / "results.csv"), "--out", str(tmp_path / "csv.png"))
+    assert from_csv.returncode == 0, from_csv.stderr
+    assert f"INCOMPLETE: {swedish:,} of {ref.height:,} jobs missing" in from_csv.stdout
+    assert banner(tmp_path / "csv.png")
+    # A CSV on its own cannot say: the chart is drawn, and stderr says it cannot tell.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "results.csv").write_bytes((out / "results.csv").read_bytes())
+    lone = cli("report", str(alone / "results.csv"), "--out", str(tmp_path / "lone.png"))
+    assert lone.returncode == 0, lone.stderr
+    assert "does not record whether its run was complete" in lone.stderr
+    assert (tmp_path / "lone.png").exists() and not banner(tmp_path / "lone.png")
     ok_results = str(tmp_path / "ok" / "results.parquet")
     again = cli("report", ok_results, "--out", str(tmp_path / "c.png"))
     assert again.returncode == 0, again.stderr
     assert "INCOMPLETE" not in again.stdout and not banner(tmp_path / "c.png")
+    # A complete run's CSV, beside its results.parquet: no banner and no warning.
+    ok_csv = cli("report", str(tmp_path / "ok" / "results.csv"), "--out", str(tmp_path / "k.png"))
+    assert ok_csv.returncode == 0, ok_csv.stderr
+    assert "INCOMPLETE" not in ok_csv.stdout and not banner(tmp_path / "k.png")
+    assert "does not record" not in ok_csv.stderr
 
 
 def test_every_app_gets_the_incomplete_mark(tmp_path: Path) -> None:

@@ -635,6 +635,18 @@ def incomplete_lines(path: Path) -> list[str]:
     return [str(line) for line in lines] if isinstance(lines, list) else []
 
 
+def same_rows(csv_path: Path, parquet_path: Path) -> bool:
+    """Whether ``parquet_path`` exists and holds as many rows as ``csv_path`` (as the two
+    files :func:`write_results` writes together do)."""
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_metadata(parquet_path).num_rows
+        return bool(rows == pl.scan_csv(csv_path).select(pl.len()).collect().item())
+    except (OSError, pa.ArrowException, pl.exceptions.PolarsError):
+        return False
+
+
 def _open_error(path: str, exc: duckdb.Error) -> str:
     """One line: the store file, what is wrong with it, what to do."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

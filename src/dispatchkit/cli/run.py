@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -342,11 +343,25 @@ def cmd_report(args: argparse.Namespace, bars: Bars) -> int:
 
 
 def _mark_incomplete(args: argparse.Namespace, src: Path, out: Path) -> None:
-    """Redraw an incomplete run's banner, as its results.parquet records it."""
-    from dispatchkit.outcome import mark_chart
-    from dispatchkit.store import incomplete_lines
+    """Redraw an incomplete run's banner, as its results.parquet records it.
 
-    lines = incomplete_lines(src)
+    A CSV file holds no such record: the run's results.parquet beside it (written with
+    it, so with as many rows) says for it; without one, stderr says the chart cannot."""
+    from dispatchkit.outcome import mark_chart
+    from dispatchkit.store import incomplete_lines, same_rows
+
+    record = src
+    if src.suffix == ".csv":
+        record = src.with_suffix(".parquet")
+        if not same_rows(src, record):
+            print(
+                f"dispatchkit: {src} does not record whether its run was complete (no "
+                f"{record.name} of the same rows beside it): the chart cannot say if jobs "
+                "are missing; redraw from results.parquet to keep an INCOMPLETE banner",
+                file=sys.stderr,
+            )
+            return
+    lines = incomplete_lines(record)
     if lines:
         mark_chart(out, lines)
         _say(args, lines[0])
