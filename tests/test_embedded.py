@@ -167,3 +167,19 @@ def test_skewed_key_is_split_and_exact(tmp_path: Path) -> None:
     results = pl.read_parquet(tmp_path / "o" / "results.parquet")
     assert_exact(results, reference(path))
     assert results["tests"].max() >= 100_000
+
+
+def test_a_mistyped_input_or_task_fails_before_any_process_starts(
+    small_parquet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dispatchkit.charting import ChartProcess
+    from dispatchkit.errors import InputError, UsageError
+
+    asked: list[str] = []
+    monkeypatch.setattr(EmbeddedBroker, "start_soon", lambda self: asked.append("workers"))
+    monkeypatch.setattr(ChartProcess, "start_soon", lambda self: asked.append("chart"))
+    with pytest.raises(InputError, match="no such file"):
+        run_embedded(RunSpec(input=str(tmp_path / "nope.parquet"), out=tmp_path / "o1"))
+    with pytest.raises(UsageError, match="unknown task 'nope'"):
+        run_embedded(RunSpec(input=str(small_parquet), out=tmp_path / "o2", task="nope"))
+    assert asked == [], f"{asked} started for a run that could not begin"

@@ -93,12 +93,19 @@ class ChartProcess:
                 log.debug("chart process gone (%s); drawing here", exc)
         return Drawing(self.app, results, path, list(banner), future)
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
+        """End the process once its drawing is done, or (``wait=False``: the run failed)
+        at once, without waiting for its imports to end (its twin dies with it)."""
         if self._starter is not None:
             self._starter.join()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if not wait:
+            processes: dict[int, Any] = getattr(pool, "_processes", None) or {}
+            for process in list(processes.values()):
+                process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Drawing:

@@ -146,7 +146,12 @@ def prepare_run_id(spec: RunSpec) -> str:
 Check = Callable[[str, dict[str, str], App, Task], None]
 
 
-def prepare(spec: RunSpec, check: Check | None = None, app: App | None = None) -> Prepared:
+def prepare(
+    spec: RunSpec,
+    check: Check | None = None,
+    app: App | None = None,
+    paths: list[Path] | None = None,
+) -> Prepared:
     """Resolve and validate the input, write the quarantine files; nothing is dispatched.
 
     ``check(run_id, identity, app, task)`` is called once the input is validated and
@@ -155,7 +160,7 @@ def prepare(spec: RunSpec, check: Check | None = None, app: App | None = None) -
     """
     app = app if app is not None else load_app(spec.app)
     task = app.get_task(spec.task)
-    paths = resolve_inputs(spec.input)
+    paths = resolve_inputs(spec.input) if paths is None else paths
     fp = fingerprint(paths)
     run_id = spec.run_id or f"run-{fp[:12]}"
     start, end = run_range(spec, app)
@@ -245,11 +250,14 @@ def run_embedded(spec: RunSpec, bars: Progress | None = None) -> RunSummary:
     progress = bars or NoProgress()
     t_start = time.perf_counter()
     app = load_app(spec.app)
+    app.get_task(spec.task)
+    paths = resolve_inputs(spec.input)  # a mistyped path or task fails before any process
     # The workers start while the input is validated: they are ready when jobs come.
     broker = EmbeddedBroker(
         spec.workers, app=app.spec if app.spec is not None else spec.app, retry=spec.retry
     )
     charts = ChartProcess(app, spec.app)
+    done = False
     try:
         broker.start_soon()
         if spec.report:
@@ -260,16 +268,17 @@ def run_embedded(spec: RunSpec, bars: Progress | None = None) -> RunSummary:
             def check(run_id: str, identity: dict[str, str], app: App, task: Task) -> None:
                 records.append(store.start_run(run_id, identity, spec.input, app=app, task=task))
 
-            prep = prepare(spec, check, app)
+            prep = prepare(spec, check, app, paths)
             record = records[0]
             summary = RunSummary(run_id=prep.run_id)
             _count_rows(summary, prep)
             summary.seconds["prepare"] = time.perf_counter() - t_start
             with prep.reader:
                 _run_prepared(spec, prep, store, record, progress, summary, broker, charts)
+        done = True
     finally:
         broker.close()
-        charts.close()
+        charts.close(wait=done)  # a failed run does not wait for the chart's imports
     summary.files["quarantine.parquet"] = spec.out / "quarantine.parquet"
     summary.files["store"] = spec.out / STORE_NAME
     summary.seconds["total"] = time.perf_counter() - t_start
