@@ -244,3 +244,22 @@ def test_burst_worker_exits_on_an_empty_and_on_a_drained_topic(
     drained = burst("drained")
     assert drained.returncode == 0, drained.stderr
     assert "0 messages, 0 jobs done" in drained.stdout
+
+
+def test_run_kafka_refuses_a_mistyped_input_or_task_before_starting_workers(
+    small_parquet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dispatchkit.kafka_run as kafka_run
+    from dispatchkit.brokers.kafka.settings import KafkaSettings
+    from dispatchkit.errors import InputError, UsageError
+    from dispatchkit.runner import RunSpec
+
+    spawned: list[str] = []
+    monkeypatch.setattr(kafka_run, "spawn_worker", lambda *a, **k: spawned.append("worker"))
+    # No broker is needed to refuse them: nothing is asked of one first.
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1")
+    with pytest.raises(InputError, match="no such file"):
+        kafka_run.run_kafka(RunSpec(input=str(tmp_path / "nope.parquet"), out=tmp_path), settings)
+    with pytest.raises(UsageError, match="unknown task 'nope'"):
+        kafka_run.run_kafka(RunSpec(input=str(small_parquet), out=tmp_path, task="nope"), settings)
+    assert spawned == []

@@ -435,8 +435,10 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Progress | None = No
     t0 = time.perf_counter()
     from dispatchkit.brokers.kafka.broker import ensure_topics
 
-    ensure_topics(settings)
     app = load_app(spec.app)
+    app.get_task(spec.task)
+    paths = resolve_inputs(spec.input)  # a mistyped path or task fails before any process
+    ensure_topics(settings)
     protocol = run_protocol(settings)
     log.info("run: workers use the %s group protocol", protocol)
     extra = (
@@ -471,7 +473,7 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Progress | None = No
     )
     try:
         run_id = prepare_run_id(spec)
-        identity = spec_identity(spec, fingerprint(resolve_inputs(spec.input)), app)
+        identity = spec_identity(spec, fingerprint(paths), app)
         with procs.signals_deferred():  # the child starts with Ctrl-C left to us
             dispatching = pool.submit(_dispatch_child, spec, settings, os.getpid())
 
