@@ -46,11 +46,12 @@ from dispatchkit.identity import check_identity
 from dispatchkit.kafka_worker import WorkerOptions, work
 from dispatchkit.message import Manifest
 from dispatchkit.progress import NoProgress, Progress
-from dispatchkit.reader import fingerprint, resolve_inputs
+from dispatchkit.reader import fingerprint
 from dispatchkit.runner import (
     STORE_NAME,
     RunSpec,
     RunSummary,
+    inputs_of,
     manifest_of,
     prepare,
     prepare_run_id,
@@ -436,8 +437,7 @@ def run_kafka(spec: RunSpec, settings: KafkaSettings, bars: Progress | None = No
     from dispatchkit.brokers.kafka.broker import ensure_topics
 
     app = load_app(spec.app)
-    app.get_task(spec.task)
-    paths = resolve_inputs(spec.input)  # a mistyped path or task fails before any process
+    paths = inputs_of(spec, app)  # a mistyped path or task fails before any process starts
     ensure_topics(settings)
     protocol = run_protocol(settings)
     log.info("run: workers use the %s group protocol", protocol)

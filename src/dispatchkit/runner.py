@@ -146,6 +146,13 @@ def prepare_run_id(spec: RunSpec) -> str:
 Check = Callable[[str, dict[str, str], App, Task], None]
 
 
+def inputs_of(spec: RunSpec, app: App) -> list[Path]:
+    """The run's input files, once its task is known to exist: what a run checks before it
+    starts any process, so that a mistyped path or task is one line at once."""
+    app.get_task(spec.task)
+    return resolve_inputs(spec.input)
+
+
 def prepare(
     spec: RunSpec,
     check: Check | None = None,
@@ -250,8 +257,7 @@ def run_embedded(spec: RunSpec, bars: Progress | None = None) -> RunSummary:
     progress = bars or NoProgress()
     t_start = time.perf_counter()
     app = load_app(spec.app)
-    app.get_task(spec.task)
-    paths = resolve_inputs(spec.input)  # a mistyped path or task fails before any process
+    paths = inputs_of(spec, app)  # a mistyped path or task fails before any process starts
     # The workers start while the input is validated: they are ready when jobs come.
     broker = EmbeddedBroker(
         spec.workers, app=app.spec if app.spec is not None else spec.app, retry=spec.retry

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -354,11 +354,12 @@ def _mark_incomplete(args: argparse.Namespace, src: Path, out: Path) -> None:
     if src.suffix == ".csv":
         record = src.with_suffix(".parquet")
         if not same_rows(src, record):
-            print(
-                f"dispatchkit: {src} does not record whether its run was complete (no "
-                f"{record.name} of the same rows beside it): the chart cannot say if jobs "
-                "are missing; redraw from results.parquet to keep an INCOMPLETE banner",
-                file=sys.stderr,
+            logging.getLogger(__name__).warning(
+                "%s does not record whether its run was complete (no %s of the same rows "
+                "beside it): the chart cannot say if jobs are missing; redraw from "
+                "results.parquet to keep an INCOMPLETE banner",
+                src,
+                record.name,
             )
             return
     lines = incomplete_lines(record)
